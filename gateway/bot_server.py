@@ -1,0 +1,399 @@
+"""The bot side: a WebSocket server for Meetstream bots' audio and control channels.
+
+This module only moves data: bytes are decoded by :mod:`gateway.protocol`,
+commands validated by :mod:`gateway.commands`, and everything bound for Redis
+is handed to the :class:`~gateway.publisher.Publisher` without awaiting it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import logging
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from gateway.command_reader import CommandReader, Entry
+from gateway.commands import Command, command_label, entry_time_ms, parse_command
+from gateway.exceptions import BadRoute, CommandRejected, FrameError, MessageError
+from gateway.keys import COMMAND_GROUP, BotKeys, KeySpace
+from gateway.logs import RateLimiter
+from gateway.metrics import Metrics
+from gateway.protocol import (
+    Route,
+    handshake_bot_id,
+    is_legacy_chunk,
+    parse_audio_frame,
+    parse_json_object,
+    parse_legacy_chunk,
+    parse_path,
+)
+from gateway.publisher import Publisher
+from gateway.redis_conn import RedisBackend
+from gateway.sessions import BotConnection, Outbox, SessionRegistry
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Close codes (4000-4999 are ours; see docs/PROTOCOL.md).
+CLOSE_BAD_REQUEST = 4400
+CLOSE_HANDSHAKE_TIMEOUT = 4408
+CLOSE_REPLACED = 4409
+CLOSE_SERVICE_RESTART = 1012
+
+_CLOSE_REASON_TEXT = {
+    "bot_id_mismatch": "bot_id mismatch between path and handshake",
+    "bad_bot_id": "invalid bot_id",
+    "no_bot_id": "bot_id unknown: handshake has none and the path names none",
+}
+
+
+class _CloseWith(Exception):
+    """Leave a connection handler, closing with this code and metric reason."""
+
+    def __init__(self, code: int, reason: str, text: str) -> None:
+        super().__init__(code, reason, text)
+        self.code, self.reason, self.text = code, reason, text
+
+
+class BotServer:
+    """Handles bot connections; :meth:`handler` and :meth:`process_request` go to ``serve``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        keyspace: KeySpace,
+        metrics: Metrics,
+        backend: RedisBackend,
+        publisher: Publisher,
+    ) -> None:
+        self.settings = settings
+        self.keyspace = keyspace
+        self.metrics = metrics
+        self.backend = backend
+        self.publisher = publisher
+        self.registry = SessionRegistry()
+        self.reader = CommandReader(backend, keyspace, settings, metrics, self._deliver)
+        self.draining = False
+        self._log_limit = RateLimiter(burst=5, interval_s=10.0)
+        self._max_age_ms = int(settings.command_max_age_s * 1000)
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- HTTP, before the upgrade ---------------------------------------------
+
+    def is_ready(self) -> bool:
+        return self.publisher.healthy and not self.draining
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            return connection.respond(http.HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            if self.is_ready():
+                return connection.respond(http.HTTPStatus.OK, "ready\n")
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
+        if self.draining:
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+        try:
+            parse_path(request.path)
+        except BadRoute as exc:
+            if self._log_limit.allow("bad_path"):
+                log.warning("refused request", extra={"reason": exc.reason, "path": path[:200]})
+            return connection.respond(http.HTTPStatus.NOT_FOUND, f"{exc.detail}\n")
+        return None
+
+    # -- connections ----------------------------------------------------------
+
+    async def handler(self, ws: ServerConnection) -> None:
+        route = parse_path(ws.request.path)  # checked in process_request
+        conn = BotConnection(ws, route.channel)
+        channel = route.channel
+        self.metrics.connections.labels(channel).inc()
+        self.metrics.connections_opened.labels(channel).inc()
+        close_reason = "bot_left"
+        try:
+            if route.bot_id is not None:
+                self._bind(conn, route.bot_id)
+            if channel == "audio":
+                await self._run_audio(conn, route)
+            else:
+                await self._run_control(conn, route)
+        except _CloseWith as close:
+            close_reason = close.reason
+            log.warning(
+                "closing bot connection",
+                extra={"bot_id": conn.bot_id, "channel": channel, "code": close.code, "reason": close.reason},
+            )
+            await ws.close(close.code, close.text)
+        except ConnectionClosed:
+            pass
+        finally:
+            if ws.close_code == CLOSE_REPLACED:
+                close_reason = "replaced"
+            elif ws.close_code == CLOSE_SERVICE_RESTART:
+                close_reason = "shutdown"
+            self.metrics.connections.labels(channel).dec()
+            self.metrics.connections_closed.labels(channel, close_reason).inc()
+            await self._unbind(conn)
+
+    def _bind(self, conn: BotConnection, bot_id: str) -> BotKeys:
+        keys = self.keyspace.bot(bot_id)
+        conn.bot_id = bot_id
+        session, created, replaced = self.registry.attach(keys, conn)
+        self.metrics.bots.set(len(self.registry))
+        if created:
+            self.publisher.expire((keys.audio, keys.events, keys.commands), self.settings.key_ttl_s)
+        self.publisher.event(
+            keys, "connected", conn.channel, conn=conn.conn_id, gateway=self.settings.gateway_id,
+            **keys.as_fields(),
+        )
+        log.info(
+            "bot connected",
+            extra={"bot_id": bot_id, "channel": conn.channel, "conn": conn.conn_id, "new_session": created},
+        )
+        if replaced is not None:
+            log.info("newer connection replaces older", extra={"bot_id": bot_id, "channel": conn.channel})
+            self._spawn(replaced.ws.close(CLOSE_REPLACED, "replaced by a newer connection"))
+        return keys
+
+    async def _unbind(self, conn: BotConnection) -> None:
+        if conn.sender is not None:
+            conn.sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await conn.sender
+        session, current, ended = self.registry.detach(conn)
+        if session is None:
+            return
+        keys = session.keys
+        self.metrics.bots.set(len(self.registry))
+        code = conn.ws.close_code if conn.ws.close_code is not None else 1006
+        self.publisher.event(
+            keys, "disconnected", conn.channel, conn=conn.conn_id, code=code, reason=conn.ws.close_reason or ""
+        )
+        log.info(
+            "bot disconnected",
+            extra={"bot_id": keys.bot_id, "channel": conn.channel, "code": code, "session_ended": ended},
+        )
+        if current and conn.channel == "control" and conn.ready:
+            await self.reader.remove(keys.bot_id)
+        if ended:
+            self.publisher.event(keys, "session_ended", conn.channel)
+            self.publisher.expire((keys.audio, keys.events, keys.commands), self.settings.key_ttl_s)
+
+    def _drop(self, conn: BotConnection, reason: str, detail: str = "") -> None:
+        self.metrics.dropped.labels(reason).inc()
+        if self._log_limit.allow(f"{conn.bot_id}:{reason}"):
+            log.warning(
+                "dropped bot input",
+                extra={"bot_id": conn.bot_id, "channel": conn.channel, "reason": reason, "detail": detail},
+            )
+
+    def _bad_route(self, exc: BadRoute) -> _CloseWith:
+        return _CloseWith(CLOSE_BAD_REQUEST, exc.reason, _CLOSE_REASON_TEXT.get(exc.reason, "bad request"))
+
+    async def _recv_handshake(self, conn: BotConnection) -> str | bytes:
+        """Receive within the handshake timeout; a bot that stays silent is closed."""
+        try:
+            async with asyncio.timeout(self.settings.handshake_timeout_s):
+                return await conn.ws.recv()
+        except TimeoutError:
+            raise _CloseWith(CLOSE_HANDSHAKE_TIMEOUT, "handshake_timeout", "handshake timeout") from None
+
+    # -- audio channel ----------------------------------------------------------
+
+    async def _run_audio(self, conn: BotConnection, route: Route) -> None:
+        ws = conn.ws
+        # On a bare /audio path the bot_id comes with the handshake: until then
+        # nothing can be attributed, so binary frames are dropped (and counted).
+        while conn.bot_id is None:
+            message = await self._recv_handshake(conn)
+            if isinstance(message, bytes):
+                self._drop(conn, "before_handshake")
+                continue
+            self._audio_text(conn, route, message)
+        seq = 0
+        metrics = self.metrics
+        frames_received = metrics.frames_received
+        bytes_received = metrics.bytes_received
+        publish = self.publisher.audio
+        keys = self.keyspace.bot(conn.bot_id)
+        # Cancelling this loop loses nothing accepted: each frame is handed to the
+        # publisher synchronously, before the next await.
+        async for message in ws:
+            if isinstance(message, bytes):
+                try:
+                    frame = parse_audio_frame(message)
+                except FrameError as exc:
+                    self._drop(conn, exc.reason, exc.detail)
+                    continue
+            else:
+                frame = self._audio_text(conn, route, message)
+                if frame is None:
+                    continue
+            frames_received.inc()
+            bytes_received.inc(len(frame.pcm))
+            publish(keys, frame, seq, conn.conn_id)
+            seq += 1
+
+    def _audio_text(self, conn: BotConnection, route: Route, text: str):  # type: ignore[no-untyped-def]
+        """A text frame on the audio channel: the handshake, a legacy PCMChunk, or a message."""
+        self.metrics.messages_received.labels("audio").inc()
+        try:
+            obj = parse_json_object(text)
+        except MessageError as exc:
+            self._drop(conn, exc.reason)
+            return None
+        if is_legacy_chunk(obj):
+            if conn.bot_id is None:
+                if route.bot_id is None:
+                    self._drop(conn, "before_handshake")
+                    return None
+            try:
+                return parse_legacy_chunk(obj)
+            except FrameError as exc:
+                self._drop(conn, exc.reason, exc.detail)
+                return None
+        if not conn.ready:
+            try:
+                bot_id = handshake_bot_id(obj, route)
+            except BadRoute as exc:
+                raise self._bad_route(exc) from None
+            keys = self._bind(conn, bot_id) if conn.bot_id is None else self.keyspace.bot(bot_id)
+            conn.ready = True
+            # The handshake is kept whole, as the bot sent it.
+            self.publisher.event(keys, "audio_handshake", "audio", data=text, conn=conn.conn_id)
+            return None
+        self.publisher.event(self.keyspace.bot(conn.bot_id), "message", "audio", data=text)  # type: ignore[arg-type]
+        return None
+
+    # -- control channel --------------------------------------------------------
+
+    async def _run_control(self, conn: BotConnection, route: Route) -> None:
+        ws = conn.ws
+        while not conn.ready:
+            message = await self._recv_handshake(conn)
+            if isinstance(message, bytes):
+                self._drop(conn, "binary_on_control")
+                continue
+            self.metrics.messages_received.labels("control").inc()
+            try:
+                obj = parse_json_object(message)
+            except MessageError as exc:
+                self._drop(conn, exc.reason)
+                continue
+            if obj.get("type") != "ready":
+                if conn.bot_id is None:
+                    self._drop(conn, "before_handshake")
+                else:
+                    self.publisher.event(self.keyspace.bot(conn.bot_id), "message", "control", data=message)
+                continue
+            try:
+                bot_id = handshake_bot_id(obj, route)
+            except BadRoute as exc:
+                raise self._bad_route(exc) from None
+            keys = self._bind(conn, bot_id) if conn.bot_id is None else self.keyspace.bot(bot_id)
+            conn.ready = True
+            conn.outbox = Outbox(self.settings.outbox_max_commands)
+            self.publisher.event(keys, "ready", "control", data=message, conn=conn.conn_id)
+            conn.sender = asyncio.create_task(self._send_commands(conn, keys), name=f"send-{bot_id}")
+            await self.reader.add(keys)
+
+        keys = self.keyspace.bot(conn.bot_id)  # type: ignore[arg-type]
+        async for message in ws:
+            if isinstance(message, bytes):
+                self._drop(conn, "binary_on_control")
+                continue
+            self.metrics.messages_received.labels("control").inc()
+            try:
+                parse_json_object(message)
+            except MessageError as exc:
+                self._drop(conn, exc.reason)
+                continue
+            # Anything a bot says is published, never dropped: the vendor may add messages.
+            self.publisher.event(keys, "message", "control", data=message)
+
+    def _deliver(self, bot_id: str, entries: list[Entry]) -> None:
+        """Called by the command reader: validate entries into the bot's outbox."""
+        session = self.registry.get(bot_id)
+        conn = session.control if session is not None else None
+        if conn is None or conn.outbox is None:
+            return  # unacked: the entries stay pending and are claimed on reconnect
+        keys = session.keys  # type: ignore[union-attr]
+        now_ms = self.backend.now_ms()
+        for entry_id, fields in entries:
+            try:
+                command = parse_command(
+                    fields, bot_id, entry_id=entry_id, max_bytes=self.settings.command_max_bytes
+                )
+                self._check_age(command, now_ms)
+            except CommandRejected as exc:
+                self._reject(keys, entry_id, exc)
+                continue
+            conn.outbox.put(command)
+        if conn.outbox.full:
+            self.reader.pause(bot_id)
+
+    def _check_age(self, command: Command, now_ms: int) -> None:
+        age_ms = now_ms - entry_time_ms(command.entry_id)
+        if age_ms > self._max_age_ms:
+            raise CommandRejected(
+                "expired", f"written {age_ms / 1000:.1f}s ago, max age {self.settings.command_max_age_s}s",
+                command.name,
+            )
+
+    def _reject(self, keys: BotKeys, entry_id: str, exc: CommandRejected) -> None:
+        self.metrics.commands_rejected.labels(command_label(exc.command), exc.reason).inc()
+        log.warning(
+            "command rejected",
+            extra={"bot_id": keys.bot_id, "entry_id": entry_id, "reason": exc.reason, "detail": exc.detail},
+        )
+        self.publisher.event(
+            keys, "command_rejected", "control", reason=exc.reason, detail=exc.detail,
+            entry_id=entry_id, command=exc.command,
+        )
+        self.publisher.ack(keys.commands, COMMAND_GROUP, (entry_id,))
+
+    async def _send_commands(self, conn: BotConnection, keys: BotKeys) -> None:
+        """Write the outbox to the bot in order; XACK each command once it is written."""
+        outbox = conn.outbox
+        if outbox is None:  # set before this task starts
+            return
+        ws = conn.ws
+        metrics = self.metrics
+        while True:
+            # Cancelling at get() loses nothing; after it, the command is still
+            # pending in Redis (unacked) and is claimed again on reconnect.
+            command = await outbox.get()
+            now_ms = self.backend.now_ms()
+            try:
+                self._check_age(command, now_ms)
+            except CommandRejected as exc:
+                self._reject(keys, command.entry_id, exc)
+                continue
+            try:
+                await ws.send(command.to_json())
+            except ConnectionClosed:
+                outbox.put_front(command)
+                return
+            metrics.commands_delivered.labels(command.name).inc()
+            metrics.command_delivery.observe(max(0, self.backend.now_ms() - entry_time_ms(command.entry_id)) / 1000)
+            self.publisher.ack(keys.commands, COMMAND_GROUP, (command.entry_id,))
+            if outbox.low:
+                await self.reader.resume(keys.bot_id)
+
+    # -- housekeeping -------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def refresh_expiry(self) -> None:
+        """Keep live bots' keys from expiring; a crashed gateway's keys still expire."""
+        for session in self.registry:
+            keys = session.keys
+            self.publisher.expire((keys.audio, keys.events, keys.commands), self.settings.key_ttl_s)

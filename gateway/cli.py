@@ -1,0 +1,72 @@
+"""``meetstream-gateway``: run the gateway, or print a bot's key names.
+
+    meetstream-gateway [run] [--flags]     serve bots (the default)
+    meetstream-gateway keys BOT_ID         the Redis keys of a bot, as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from gateway.exceptions import ConfigError, GatewayError
+from gateway.keys import KeySpace
+from gateway.logs import configure_logging
+from gateway.protocol import validate_bot_id
+from gateway.settings import Settings, add_settings_arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meetstream-gateway", description="Meetstream bot sockets bridged to Redis Streams."
+    )
+    sub = parser.add_subparsers(dest="cmd")
+    run = sub.add_parser("run", help="serve bots (the default)")
+    add_settings_arguments(run)
+    keys = sub.add_parser("keys", help="print the Redis key names of a bot")
+    keys.add_argument("bot_id")
+    keys.add_argument("--key-prefix", default=None, help="(env MEETSTREAM_KEY_PREFIX)")
+    keys.add_argument("--command-shards", type=int, default=None, help="(env MEETSTREAM_COMMAND_SHARDS)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"run", "keys"}
+    if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]
+    ns = build_parser().parse_args(argv)
+    try:
+        if ns.cmd == "keys":
+            return _keys(ns)
+        settings = Settings.from_namespace(ns, os.environ)
+    except (ConfigError, GatewayError, ValueError) as exc:
+        print(f"meetstream-gateway: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    from gateway.app import Gateway  # late: keeps `keys` free of the server's imports
+
+    try:
+        asyncio.run(Gateway(settings).run())
+    except GatewayError as exc:
+        print(f"meetstream-gateway: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _keys(ns: argparse.Namespace) -> int:
+    prefix = ns.key_prefix or os.environ.get("MEETSTREAM_KEY_PREFIX", "meetstream")
+    shards = ns.command_shards or int(os.environ.get("MEETSTREAM_COMMAND_SHARDS", "16"))
+    space = KeySpace(prefix, shards)
+    keys = space.bot(validate_bot_id(ns.bot_id))
+    print(json.dumps({"bot_id": keys.bot_id, **keys.as_fields(), "global_events_key": space.global_events,
+                      "shard": keys.shard}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""Validation of worker commands against the vendor's command tables (pure; no I/O).
+
+A worker XADDs one command per entry to a bot's command stream, as field
+``json`` (the vendor's JSON command, exactly as its page shows it) or field
+``msgpack`` (the same map, MessagePack-encoded; there ``audiochunk`` and ``img``
+may be raw bytes). ``bot_id`` may be left out: the gateway fills it in.
+
+:func:`parse_command` turns an entry into a :class:`Command` ready to send, or
+raises :class:`~gateway.exceptions.CommandRejected` with a reason from
+:data:`REJECT_REASONS` and a precise detail.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from gateway.exceptions import CommandRejected
+
+COMMANDS = ("sendaudio", "sendmsg", "sendchat", "interrupt", "sendimg", "sendimg_url")
+
+#: Why a command was rejected; a closed set, used as a metric label.
+REJECT_REASONS = (
+    "bad_encoding",
+    "unknown_command",
+    "missing_field",
+    "bad_field",
+    "unknown_field",
+    "bot_id_mismatch",
+    "too_large",
+    "expired",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    kind: type
+    required: bool = True
+    check: Callable[[Any], str | None] | None = None  # returns a complaint, or None
+
+
+def _one_of(*allowed: Any) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in allowed else f"must be one of {', '.join(map(repr, allowed))}"
+
+    return check
+
+
+def _positive(value: int) -> str | None:
+    return None if value > 0 else "must be a positive integer"
+
+
+def _nonempty(value: str) -> str | None:
+    return None if value else "must not be empty"
+
+
+# The vendor's tables, field by field. ``bytes`` marks a base64 field that
+# MessagePack may also carry raw.
+SPECS: dict[str, dict[str, FieldSpec]] = {
+    "sendaudio": {
+        "audiochunk": FieldSpec(bytes),
+        "sample_rate": FieldSpec(int, check=_positive),
+        "encoding": FieldSpec(str, required=False, check=_one_of("pcm16")),
+        "channels": FieldSpec(int, required=False, check=_one_of(1)),
+        "endianness": FieldSpec(str, required=False, check=_one_of("little")),
+    },
+    "sendmsg": {
+        # Both are required on the wire; a worker may give either, we send both.
+        "message": FieldSpec(str, required=False),
+        "msg": FieldSpec(str, required=False),
+    },
+    "sendchat": {
+        "role": FieldSpec(str, check=_one_of("assistant", "user")),
+        "text": FieldSpec(str),
+        "is_final": FieldSpec(bool),
+    },
+    "interrupt": {
+        "action": FieldSpec(str, check=_one_of("clear_audio_queue")),
+    },
+    "sendimg": {
+        "img": FieldSpec(bytes),
+    },
+    "sendimg_url": {
+        "img_url": FieldSpec(str, check=_nonempty),
+    },
+}
+
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean", bytes: "base64 data"}
+
+
+@dataclass(slots=True)
+class Command:
+    """A validated command for one bot.
+
+    ``payload`` is the vendor's JSON map with ``bot_id`` filled in and base64
+    fields as strings; ``data`` holds the decoded bytes of a base64 field
+    (the PCM of ``sendaudio``, the image of ``sendimg``).
+    """
+
+    name: str
+    payload: dict[str, Any]
+    entry_id: str = ""
+    data: bytes | None = field(default=None, repr=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.payload, separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_entry(fields: Mapping[bytes | str, bytes | str], max_bytes: int) -> dict[str, Any]:
+    """Read the command map out of a stream entry's ``json`` or ``msgpack`` field."""
+    norm = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+    present = [k for k in ("json", "msgpack") if k in norm]
+    if len(present) != 1:
+        raise CommandRejected(
+            "bad_encoding",
+            f"entry must have exactly one of the fields json, msgpack; it has {sorted(norm)}",
+        )
+    raw = norm[present[0]]
+    if isinstance(raw, str):
+        raw = raw.encode()
+    if len(raw) > max_bytes:
+        raise CommandRejected("too_large", f"{len(raw)} bytes, the limit is {max_bytes}")
+    try:
+        if present[0] == "json":
+            value = json.loads(raw)
+        else:
+            value = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException, UnicodeDecodeError) as exc:
+        raise CommandRejected("bad_encoding", f"field {present[0]} does not decode") from exc
+    if not isinstance(value, dict):
+        raise CommandRejected("bad_encoding", f"the {present[0]} value must be a map")
+    return value
+
+
+def _type_ok(value: Any, kind: type) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is bytes:
+        return isinstance(value, str | bytes)
+    return isinstance(value, kind)
+
+
+def _decode_base64(name: str, value: str | bytes, command: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise CommandRejected("bad_field", f"{name} is not valid base64", command) from exc
+
+
+def validate_command(raw: dict[str, Any], bot_id: str) -> Command:
+    """Check a decoded command map against the vendor's table for its command."""
+    name = raw.get("command")
+    if not isinstance(name, str) or name not in SPECS:
+        shown = name if isinstance(name, str) else type(name).__name__
+        raise CommandRejected(
+            "unknown_command", f"command {shown!r} is not one of {', '.join(COMMANDS)}"
+        )
+    spec = SPECS[name]
+    claimed = raw.get("bot_id", bot_id)
+    if claimed != bot_id:
+        raise CommandRejected("bot_id_mismatch", f"bot_id {claimed!r} in the stream of {bot_id!r}", name)
+    unknown = sorted(set(raw) - set(spec) - {"command", "bot_id"})
+    if unknown:
+        raise CommandRejected("unknown_field", f"unknown field(s) {', '.join(unknown)}", name)
+
+    payload: dict[str, Any] = {"command": name, "bot_id": bot_id}
+    data: bytes | None = None
+    for fname, fspec in spec.items():
+        if fname not in raw:
+            if fspec.required:
+                raise CommandRejected("missing_field", f"{fname} is required", name)
+            continue
+        value = raw[fname]
+        if not _type_ok(value, fspec.kind):
+            raise CommandRejected(
+                "bad_field", f"{fname} must be {_TYPE_NAMES[fspec.kind]}, got {type(value).__name__}", name
+            )
+        if fspec.kind is bytes:
+            data = _decode_base64(fname, value, name)
+            if not data:
+                raise CommandRejected("bad_field", f"{fname} is empty", name)
+            value = value if isinstance(value, str) else base64.b64encode(value).decode()
+        elif fspec.check is not None and (complaint := fspec.check(value)):
+            raise CommandRejected("bad_field", f"{fname} {complaint}", name)
+        payload[fname] = value
+
+    if name == "sendaudio" and data is not None and len(data) % 2:
+        raise CommandRejected("bad_field", f"audiochunk has {len(data)} bytes, not whole PCM16 samples", name)
+    if name == "sendmsg":
+        _settle_chat_text(payload)
+    return Command(name, payload, data=data)
+
+
+def _settle_chat_text(payload: dict[str, Any]) -> None:
+    """The vendor wants the text in both ``message`` and ``msg`` (platforms differ)."""
+    message, msg = payload.get("message"), payload.get("msg")
+    if message is None and msg is None:
+        raise CommandRejected("missing_field", "message (or msg) is required", "sendmsg")
+    if message is not None and msg is not None and message != msg:
+        raise CommandRejected("bad_field", "message and msg differ; they must carry the same text", "sendmsg")
+    text = message if message is not None else msg
+    payload["message"] = payload["msg"] = text
+
+
+def parse_command(
+    fields: Mapping[bytes | str, bytes | str], bot_id: str, *, entry_id: str = "", max_bytes: int = 16 << 20
+) -> Command:
+    """Decode and validate one command stream entry."""
+    command = validate_command(decode_entry(fields, max_bytes), bot_id)
+    command.entry_id = entry_id
+    return command
+
+
+def command_label(raw_name: object) -> str:
+    """A metric-safe command label (unknown names collapse to ``unknown``)."""
+    return raw_name if isinstance(raw_name, str) and raw_name in SPECS else "unknown"
+
+
+def entry_time_ms(entry_id: str) -> int:
+    """The Redis server time (Unix ms) at which an auto-ID'd stream entry was added."""
+    return int(entry_id.split("-", 1)[0])

