@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -52,6 +53,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _bindable(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_cluster_port() -> int:
+    """A port whose cluster bus port (port + 10000) is free too; Redis needs port <= 55535."""
+    for _ in range(200):
+        port = random.randint(20_000, 45_000)
+        if _bindable(port) and _bindable(port + 10_000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class RedisServer:
     """One ``redis-server`` on 127.0.0.1, started by :meth:`start`, stopped by :meth:`stop`."""
 
@@ -63,7 +82,7 @@ class RedisServer:
         extra_args: list[str] | None = None,
         binary: str | None = None,
     ) -> None:
-        self.port = port or free_port()
+        self.port = port or (free_cluster_port() if cluster else free_port())
         self.cluster = cluster
         self.extra_args = extra_args or []
         self.binary = binary or find_redis_binary()

@@ -85,7 +85,7 @@ class Publisher:
     def audio(self, keys: BotKeys, frame: AudioFrame, seq: int, conn_id: str) -> None:
         size = len(frame.pcm)
         args = (
-            b"XADD", keys.audio, b"MAXLEN", b"~", self._maxlen_audio, b"*",
+            "XADD", keys.audio, b"MAXLEN", b"~", self._maxlen_audio, b"*",
             b"speaker_id", frame.speaker_id, b"speaker_name", frame.speaker_name,
             b"pcm", frame.pcm, b"sample_rate", _SR, b"seq", seq, b"conn", conn_id,
             b"ts", now_ms(),
@@ -112,21 +112,21 @@ class Publisher:
         for name, value in extra.items():
             if value is not None:
                 fields += [name, value]
-        self._control_op("event", (b"XADD", keys.events, b"MAXLEN", b"~", self._maxlen_events, b"*", *fields))
+        self._control_op("event", ("XADD", keys.events, b"MAXLEN", b"~", self._maxlen_events, b"*", *fields))
         if type_ in LIFECYCLE:
             self._control_op(
                 "event",
-                (b"XADD", self.keyspace.global_events, b"MAXLEN", b"~", self._maxlen_global, b"*", *fields),
+                ("XADD", self.keyspace.global_events, b"MAXLEN", b"~", self._maxlen_global, b"*", *fields),
             )
 
     def ack(self, stream: str, group: str, entry_ids: Iterable[str]) -> None:
         ids = tuple(entry_ids)
         if ids:
-            self._control_op("ack", (b"XACK", stream, group, *ids))
+            self._control_op("ack", ("XACK", stream, group, *ids))
 
     def expire(self, keys: Iterable[str], ttl_s: int) -> None:
         for key in keys:
-            self._control_op("expire", (b"EXPIRE", key, ttl_s))
+            self._control_op("expire", ("EXPIRE", key, ttl_s))
 
     def _control_op(self, kind: str, args: tuple[Any, ...]) -> None:
         self._seq += 1
@@ -194,14 +194,18 @@ class Publisher:
                 batch = self._take_batch()
             try:
                 await self._send(batch)
-            except (RedisError, OSError) as exc:
+            except Exception as exc:
                 # The batch stays ours and is retried first: order is kept, and
                 # entries that did land before the error may be written twice.
+                # Anything but a Redis or socket error is a bug: say so loudly,
+                # but keep the accepted data and stay not-ready rather than die.
                 self._set_health(False)
                 self.metrics.redis_errors.labels("publish").inc()
-                log.warning(
+                log.log(
+                    logging.WARNING if isinstance(exc, RedisError | OSError) else logging.ERROR,
                     "redis write failed, retrying",
-                    extra={"error": type(exc).__name__, "batch": len(batch), "backoff_s": backoff_s},
+                    extra={"error": repr(exc), "batch": len(batch), "backoff_s": backoff_s},
+                    exc_info=not isinstance(exc, RedisError | OSError),
                 )
                 self._requeue_for_budget(batch)
                 await asyncio.sleep(backoff_s)
