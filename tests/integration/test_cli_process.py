@@ -1,0 +1,84 @@
+"""The console script as a user runs it: no Redis URL, so an embedded redis-server.
+
+1. Start ``meetstream-gateway --port 0`` with no Redis configured.
+2. It logs that it started an embedded redis-server, then where it listens.
+3. A simulated bot connects, streams, and receives a command.
+4. SIGTERM: the process drains (no bots left), exits 0, and its redis-server is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gateway.embedded_redis import free_port
+from gateway.testing.bot import SimulatedBot, Speaker
+
+
+def _read_logs_until(proc, predicate, timeout_s=20.0):
+    lines = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        lines.append(line)
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if predicate(record):
+            return record, lines
+    raise AssertionError("log line not seen; got:\n" + "".join(lines))
+
+
+async def test_console_script_runs_on_embedded_redis_and_stops_on_sigterm():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEETSTREAM_")}
+    metrics_port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "--host", "127.0.0.1", "--port", "0",
+         "--metrics-port", str(metrics_port), "--drain-timeout-s", "5"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+    )
+    try:
+        embedded, _ = await asyncio.to_thread(_read_logs_until, proc, lambda r: "embedded redis-server" in r["msg"])
+        redis_port = int(embedded["redis_url"].rsplit(":", 1)[1].split("/")[0])
+        listening, _ = await asyncio.to_thread(_read_logs_until, proc, lambda r: r["msg"] == "gateway listening")
+        port = listening["port"]
+        bot = SimulatedBot(f"ws://127.0.0.1:{port}", "cli_bot")
+        await bot.connect()
+        await bot.stream_speech([Speaker("s", "Ada")], 0.3, realtime=False)
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis(port=redis_port)
+        await client.xadd("meetstream:{c%02d}:cli_bot:commands" % _shard("cli_bot"),
+                          {"json": '{"command":"sendmsg","message":"hi"}'})
+        assert (await bot.next_command(timeout=10, after=0))["message"] == "hi"
+        assert await client.xlen("meetstream:{cli_bot}:audio") == 3
+        await client.aclose()
+        await bot.close()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        # The embedded redis-server went with it.
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", redis_port), timeout=1).close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _shard(bot_id: str) -> int:
+    from gateway.keys import command_shard
+
+    return command_shard(bot_id, 16)
