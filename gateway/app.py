@@ -82,6 +82,11 @@ class Gateway:
                 "no --redis-url given: started an embedded redis-server (data is lost on exit)",
                 extra={"redis_url": url, "binary": self.embedded.binary},
             )
+        if not settings.auth_secret:
+            log.warning(
+                "AUTH DISABLED: no --auth-secret, so anyone who can reach the bot port may connect "
+                "as any bot. Use this only for development."
+            )
         self.backend = await connect(settings, url)
         self.redis_ok = True
         self.publisher = Publisher(self.backend, self.keyspace, settings, self.metrics)

@@ -2,6 +2,7 @@
 
     meetstream-gateway [run] [--flags]     serve bots (the default)
     meetstream-gateway keys BOT_ID         the Redis keys of a bot, as JSON
+    meetstream-gateway token [--bot-id B]  mint a bot connection token (needs MEETSTREAM_AUTH_SECRET)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from gateway.auth import mint, split_secrets
 from gateway.exceptions import ConfigError, GatewayError
 from gateway.keys import KeySpace
 from gateway.logs import configure_logging
@@ -31,18 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("bot_id")
     keys.add_argument("--key-prefix", default=None, help="(env MEETSTREAM_KEY_PREFIX)")
     keys.add_argument("--command-shards", type=int, default=None, help="(env MEETSTREAM_COMMAND_SHARDS)")
+    token = sub.add_parser("token", help="mint a token for bot connections (?token=... in the websocket_url)")
+    token.add_argument("--bot-id", default=None, help="bind the token to one bot (recommended)")
+    token.add_argument("--ttl-s", type=int, default=86_400, help="validity in seconds (default one day)")
+    token.add_argument("--auth-secret", default=None, help="(env MEETSTREAM_AUTH_SECRET; prefer the env var)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run", "keys"}
+    commands = {"run", "keys", "token"}
     if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help")):
         argv = ["run", *argv]
     ns = build_parser().parse_args(argv)
     try:
         if ns.cmd == "keys":
             return _keys(ns)
+        if ns.cmd == "token":
+            return _token(ns)
         settings = Settings.from_namespace(ns, os.environ)
     except (ConfigError, GatewayError, ValueError) as exc:
         print(f"meetstream-gateway: {exc}", file=sys.stderr)
@@ -55,6 +63,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GatewayError as exc:
         print(f"meetstream-gateway: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _token(ns: argparse.Namespace) -> int:
+    secrets = split_secrets(ns.auth_secret or os.environ.get("MEETSTREAM_AUTH_SECRET", ""))
+    if not secrets:
+        raise ConfigError("no secret: set MEETSTREAM_AUTH_SECRET (the gateway's --auth-secret)")
+    if ns.ttl_s <= 0:
+        raise ConfigError("--ttl-s must be positive")
+    bot_id = validate_bot_id(ns.bot_id) if ns.bot_id is not None else None
+    print(mint(secrets[0], ns.ttl_s, bot_id))
     return 0
 
 

@@ -36,6 +36,10 @@ from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Retry often enough that a Redis restart costs well under a second of extra
+# buffering, rarely enough that a dead Redis sees at most a few attempts a second.
+MAX_BACKOFF_S = 0.5
+
 Entry = tuple[str, dict[bytes, bytes]]
 #: Called with a bot and its entries, in stream order; must not block.
 Deliver = Callable[[str, list[Entry]], None]
@@ -209,7 +213,7 @@ class CommandReader:
                             extra={"slot": group.slot, "error": repr(exc), "backoff_s": backoff_s},
                         )
                         await asyncio.sleep(backoff_s)
-                        backoff_s = min(backoff_s * 2, 2.0)
+                        backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
                         continue
                 streams = {group.wake_key: ">"}
                 for key, bot_id in group.members.items():
@@ -244,7 +248,7 @@ class CommandReader:
                     conn = None
                     group.wake_ready = False
                     await asyncio.sleep(backoff_s)
-                    backoff_s = min(backoff_s * 2, 2.0)
+                    backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
                     continue
                 backoff_s = 0.1
                 self.metrics.redis_latency.labels("read_commands").observe(time.perf_counter() - started)

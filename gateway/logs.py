@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -47,9 +48,32 @@ class KeyValueFormatter(logging.Formatter):
         return " ".join(parts)
 
 
+_TOKEN_RE = re.compile(r"((?:[?&]|\b)token=)[^&\s\"']+|(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+
+
+def scrub(text: str) -> str:
+    """Cut credentials out of a log line: ``token=`` query values and bearer tokens."""
+    return _TOKEN_RE.sub(lambda m: (m.group(1) or m.group(2)) + "[redacted]", text)
+
+
+class ScrubFilter(logging.Filter):
+    """Defence in depth: whatever a library logs (a request line, a URL), no token survives."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = scrub(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        for key, value in vars(record).items():
+            if key not in _STANDARD and isinstance(value, str) and "token" in value.lower():
+                setattr(record, key, scrub(value))
+        return True
+
+
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
+    handler.addFilter(ScrubFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

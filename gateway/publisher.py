@@ -35,6 +35,10 @@ from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Retry often enough that a Redis restart costs well under a second of extra
+# buffering, rarely enough that a dead Redis sees at most a few attempts a second.
+MAX_BACKOFF_S = 0.5
+
 #: Event types that also go to the global lifecycle stream.
 LIFECYCLE = frozenset({"connected", "ready", "audio_handshake", "disconnected", "session_ended"})
 CONTROL_BUFFER_MAX = 100_000
@@ -209,7 +213,7 @@ class Publisher:
                 )
                 self._requeue_for_budget(batch)
                 await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 2.0)
+                backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
                 continue
             self._set_health(True)
             backoff_s = 0.05
