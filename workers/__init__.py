@@ -1,0 +1,35 @@
+"""The worker SDK: react to Meetstream meetings through Redis, scaled out by groups.
+
+::
+
+    from workers import Worker, WorkerSettings
+
+    worker = Worker(WorkerSettings.from_env(group="greeter"))
+
+    @worker.on_ready
+    async def greet(bot, event):
+        await bot.chat("Hello!")
+
+    asyncio.run(worker.run())
+
+See ``docs/WORKERS.md``.
+"""
+
+from workers.audio import AudioFrame, Resampler, VoiceDetector, resample
+from workers.bot import Bot, Event
+from workers.constants import NO_SPEAKER
+from workers.worker import STOP_REASONS, Worker, WorkerSettings, WorkerStats
+
+__all__ = [
+    "NO_SPEAKER",
+    "STOP_REASONS",
+    "AudioFrame",
+    "Bot",
+    "Event",
+    "Resampler",
+    "VoiceDetector",
+    "Worker",
+    "WorkerSettings",
+    "WorkerStats",
+    "resample",
+]

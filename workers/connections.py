@@ -1,0 +1,108 @@
+"""Redis settings and connections for workers (standalone or Cluster).
+
+Blocking reads get a dedicated single-connection client, never one from the
+shared pool: a cancelled blocking read must not hand a still-blocked connection
+back to the pool, where it would answer the next caller with stale data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import parse_url
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+ClusterMode = Literal["auto", "yes", "no"]
+CONNECT_TIMEOUT_S = 5.0
+SOCKET_TIMEOUT_S = 10.0
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password hidden (arq's RedisSettings shows it: a leak)."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0] if ":" in creds else ""
+    return f"{scheme}://{user}:***@{host}"
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str = "redis://127.0.0.1:6379/0"
+    cluster: ClusterMode = "auto"
+    max_connections: int = 32
+
+    def __repr__(self) -> str:
+        return f"RedisSettings(url={redact_url(self.url)!r}, cluster={self.cluster!r})"
+
+
+class Connections:
+    """The shared pool (commands, leases) plus dedicated clients for blocking reads."""
+
+    def __init__(self, settings: RedisSettings, client: Any, is_cluster: bool) -> None:
+        self.settings = settings
+        self.client = client
+        self.is_cluster = is_cluster
+
+    async def dedicated(self, key: str, block_ms: int) -> aioredis.Redis:
+        """A single-connection client on the node that serves ``key``."""
+        kwargs: dict[str, Any] = parse_url(self.settings.url)
+        if self.is_cluster:
+            node = self.client.get_node_from_key(key)
+            kwargs.update(host=node.host, port=node.port)
+            kwargs.pop("db", None)
+        kwargs.update(
+            single_connection_client=True,
+            socket_timeout=block_ms / 1000 + SOCKET_TIMEOUT_S,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+            decode_responses=False,
+        )
+        return aioredis.Redis(**kwargs)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+async def connect(settings: RedisSettings, *, attempts: int = 10, delay_s: float = 0.5) -> Connections:
+    """Open the shared pool and prove it with PING, one log line per retry (as arq)."""
+    shown = redact_url(settings.url)
+    last: Exception | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            is_cluster = settings.cluster == "yes"
+            if settings.cluster == "auto":
+                probe = aioredis.Redis.from_url(settings.url, socket_connect_timeout=CONNECT_TIMEOUT_S)
+                try:
+                    is_cluster = bool((await probe.info("cluster")).get("cluster_enabled"))
+                finally:
+                    await probe.aclose()
+            common: dict[str, Any] = dict(
+                socket_timeout=SOCKET_TIMEOUT_S,
+                socket_connect_timeout=CONNECT_TIMEOUT_S,
+                max_connections=settings.max_connections,
+                decode_responses=False,
+            )
+            if is_cluster:
+                client: Any = RedisCluster.from_url(settings.url, **common)
+                await client.initialize()
+            else:
+                client = aioredis.Redis.from_url(settings.url, **common)
+            await client.ping()
+            log.info("redis connected", extra={"redis_url": shown, "cluster": is_cluster})
+            return Connections(settings, client, is_cluster)
+        except (RedisError, OSError) as exc:
+            last = exc
+            log.warning(
+                "redis not reachable, retrying",
+                extra={"redis_url": shown, "attempt": attempt, "of": attempts, "error": type(exc).__name__},
+            )
+            await asyncio.sleep(min(delay_s * attempt, 5.0))
+    raise ConnectionError(f"redis at {shown} not reachable after {attempts} attempts") from last
