@@ -61,9 +61,9 @@ class StreamResampler:
         self._rate = rate
         self._pos = 0  # source samples fed
         self._flushed = rate == BOT_SAMPLE_RATE
-        self._stream = (
-            None if self._flushed else soxr.ResampleStream(rate, BOT_SAMPLE_RATE, 1, dtype="int16", quality="HQ")
-        )
+        self._stream = None
+        if not self._flushed:
+            self._stream = soxr.ResampleStream(rate, BOT_SAMPLE_RATE, 1, dtype="int16", quality="HQ")
         self._pending: list[np.ndarray] = []
         self._pending_len = 0
         self.total = duration_samples(len(samples), rate)  # 48 kHz samples this clip yields

@@ -23,7 +23,9 @@ from gateway.exceptions import BadRoute, CommandRejected, FrameError, MessageErr
 from gateway.keys import COMMAND_GROUP, BotKeys, KeySpace
 from gateway.logs import RateLimiter
 from gateway.metrics import Metrics
+from gateway.playback import Outgoing, PlaybackConfig
 from gateway.protocol import (
+    BOT_SAMPLE_RATE,
     Route,
     handshake_bot_id,
     is_legacy_chunk,
@@ -297,7 +299,9 @@ class BotServer:
                 raise self._bad_route(exc) from None
             keys = self._bind(conn, bot_id) if conn.bot_id is None else self.keyspace.bot(bot_id)
             conn.ready = True
-            conn.outbox = Outbox(self.settings.outbox_max_commands)
+            conn.outbox = Outbox(
+                self.settings.outbox_max_commands, bot_id, PlaybackConfig.from_settings(self.settings)
+            )
             self.publisher.event(keys, "ready", "control", data=message, conn=conn.conn_id)
             conn.sender = asyncio.create_task(self._send_commands(conn, keys), name=f"send-{bot_id}")
             await self.reader.add(keys)
@@ -323,18 +327,26 @@ class BotServer:
         if conn is None or conn.outbox is None:
             return  # unacked: the entries stay pending and are claimed on reconnect
         keys = session.keys  # type: ignore[union-attr]
+        outbox = conn.outbox
         now_ms = self.backend.now_ms()
         for entry_id, fields in entries:
             try:
                 command = parse_command(
-                    fields, bot_id, entry_id=entry_id, max_bytes=self.settings.command_max_bytes
+                    fields, bot_id, entry_id=entry_id, max_bytes=self.settings.command_max_bytes,
+                    max_image_bytes=self.settings.image_max_bytes,
                 )
                 self._check_age(command, now_ms)
+                outbox.put(command)
             except CommandRejected as exc:
+                if exc.reason == "queue_full":
+                    self.metrics.playback_bound_hits.labels(
+                        "entries" if "entries" in exc.detail else "held_seconds"
+                    ).inc()
                 self._reject(keys, entry_id, exc)
-                continue
-            conn.outbox.put(command)
-        if conn.outbox.full:
+        # An interrupt among the entries has dropped audio: say so now, not at the next send.
+        self._playback_report(keys, outbox)
+        if outbox.full:
+            self.metrics.playback_bound_hits.labels("commands").inc()
             self.reader.pause(bot_id)
 
     def _check_age(self, command: Command, now_ms: int) -> None:
@@ -358,32 +370,90 @@ class BotServer:
         self.publisher.ack(keys.commands, COMMAND_GROUP, (entry_id,))
 
     async def _send_commands(self, conn: BotConnection, keys: BotKeys) -> None:
-        """Write the outbox to the bot in order; XACK each command once it is written."""
+        """Write what the playback scheduler says, when it says; XACK what is fully handled.
+
+        The scheduler (:mod:`gateway.playback`) orders the lanes (interrupt, commands,
+        paced audio); this loop only waits, writes and acknowledges.
+        """
         outbox = conn.outbox
         if outbox is None:  # set before this task starts
             return
+        scheduler = outbox.scheduler
+        clock = outbox.clock
         ws = conn.ws
         metrics = self.metrics
-        while True:
-            # Cancelling at get() loses nothing; after it, the command is still
-            # pending in Redis (unacked) and is claimed again on reconnect.
-            command = await outbox.get()
-            now_ms = self.backend.now_ms()
-            try:
-                self._check_age(command, now_ms)
-            except CommandRejected as exc:
-                self._reject(keys, command.entry_id, exc)
-                continue
-            try:
-                await ws.send(command.to_json())
-            except ConnectionClosed:
-                outbox.put_front(command)
-                return
-            metrics.commands_delivered.labels(command.name).inc()
-            metrics.command_delivery.observe(max(0, self.backend.now_ms() - entry_time_ms(command.entry_id)) / 1000)
-            self.publisher.ack(keys.commands, COMMAND_GROUP, (command.entry_id,))
-            if outbox.low:
-                await self.reader.resume(keys.bot_id)
+        try:
+            while True:
+                out = scheduler.next_send(clock())
+                self._playback_report(keys, outbox)
+                if out is None:
+                    # Cancelling here loses nothing: unsent entries are unacked in Redis.
+                    await outbox.wait(scheduler.next_deadline())
+                    continue
+                if out.lane == "command":
+                    try:
+                        self._check_age_of(out)
+                    except CommandRejected as exc:
+                        self._reject(keys, out.entry_id, exc)
+                        self.publisher.ack(keys.commands, COMMAND_GROUP, out.acks)
+                        continue
+                # Cancelled or broken during this write: the entry stays unacked and is
+                # delivered again on the bot's next control connection.
+                await ws.send(out.text)
+                scheduler.sent(out, clock())
+                self._count_sent(out)
+                self.publisher.ack(keys.commands, COMMAND_GROUP, out.acks)
+                if outbox.low:
+                    await self.reader.resume(keys.bot_id)
+        except ConnectionClosed:
+            return
+        finally:
+            # The bot's queue is gone with its socket: report the utterances it cut off.
+            scheduler.abort(clock())
+            self._playback_report(keys, outbox)
+            metrics.playback_audio_held.dec(outbox.reported_held_s)
+            outbox.reported_held_s = 0.0
+
+    def _check_age_of(self, out: Outgoing) -> None:
+        age_ms = self.backend.now_ms() - entry_time_ms(out.entry_id)
+        if age_ms > self._max_age_ms:
+            raise CommandRejected(
+                "expired", f"written {age_ms / 1000:.1f}s ago, max age {self.settings.command_max_age_s}s",
+                out.name,
+            )
+
+    def _count_sent(self, out: Outgoing) -> None:
+        metrics = self.metrics
+        metrics.commands_delivered.labels(out.name).inc()
+        if out.lane == "audio":
+            metrics.playback_audio_sent.inc(out.samples / BOT_SAMPLE_RATE)
+            metrics.playback_lateness.observe(out.late_s)
+        else:
+            age_ms = self.backend.now_ms() - entry_time_ms(out.entry_id)
+            metrics.command_delivery.observe(max(0, age_ms) / 1000)
+
+    def _playback_report(self, keys: BotKeys, outbox: Outbox) -> None:
+        """Publish the scheduler's playback events and move its counts into metrics."""
+        scheduler = outbox.scheduler
+        for event in scheduler.take_events():
+            self.publisher.event(keys, event.type, "control", **event.fields)
+            if event.type == "playback_finished":
+                self.metrics.playback_utterances.labels("finished").inc()
+            elif event.type == "playback_interrupted":
+                reason = str(event.fields["reason"])
+                self.metrics.playback_utterances.labels(reason).inc()
+                self.metrics.playback_audio_cut.labels(reason).inc(int(event.fields["dropped_ms"]) / 1000)
+        counts = scheduler.counts
+        if counts:
+            if counts["coalesced"]:
+                self.metrics.chat_coalesced.inc(counts["coalesced"])
+            if counts["underruns"]:
+                self.metrics.playback_underruns.inc(counts["underruns"])
+            counts.clear()
+        held_s = scheduler.held_samples / BOT_SAMPLE_RATE
+        if held_s != outbox.reported_held_s:
+            self.metrics.playback_audio_held.inc(held_s - outbox.reported_held_s)
+            outbox.reported_held_s = held_s
 
     # -- housekeeping -------------------------------------------------------------
 

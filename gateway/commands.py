@@ -5,6 +5,11 @@ A worker XADDs one command per entry to a bot's command stream, as field
 ``msgpack`` (the same map, MessagePack-encoded; there ``audiochunk`` and ``img``
 may be raw bytes). ``bot_id`` may be left out: the gateway fills it in.
 
+Beyond the vendor's table, ``sendaudio`` takes any rate of
+:data:`~gateway.audio.SAMPLE_RATES`, ``encoding: "float32"`` (little-endian,
+-1..1) besides ``pcm16``, and an ``utterance_id`` of the worker's choosing;
+the gateway converts, chunks and paces the audio (:mod:`gateway.playback`).
+
 :func:`parse_command` turns an entry into a :class:`Command` ready to send, or
 raises :class:`~gateway.exceptions.CommandRejected` with a reason from
 :data:`REJECT_REASONS` and a precise detail.
@@ -15,12 +20,15 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import numpy as np
 
+from gateway.audio import ENCODINGS, SAMPLE_RATES, decode_samples
 from gateway.exceptions import CommandRejected
 
 COMMANDS = ("sendaudio", "sendmsg", "sendchat", "interrupt", "sendimg", "sendimg_url")
@@ -35,7 +43,14 @@ REJECT_REASONS = (
     "bot_id_mismatch",
     "too_large",
     "expired",
+    "queue_full",
 )
+
+#: Longest ``utterance_id`` a worker may choose (it is echoed in playback events).
+UTTERANCE_ID_MAX_LEN = 128
+#: Default cap on a decoded ``sendimg`` image (``--image-max-bytes``).
+IMAGE_MAX_BYTES = 2 << 20
+_IMAGE_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,15 +75,48 @@ def _nonempty(value: str) -> str | None:
     return None if value else "must not be empty"
 
 
+def _sample_rate(value: int) -> str | None:
+    if value in SAMPLE_RATES:
+        return None
+    return f"{value} Hz is not supported; use one of {', '.join(map(str, SAMPLE_RATES))}"
+
+
+def _mono(value: int) -> str | None:
+    return None if value == 1 else f"{value}: bots play mono only, send channels 1 (or leave it out)"
+
+
+def _utterance_id(value: str) -> str | None:
+    if 1 <= len(value) <= UTTERANCE_ID_MAX_LEN:
+        return None
+    return f"must be 1 to {UTTERANCE_ID_MAX_LEN} characters"
+
+
+def _http_url(value: str) -> str | None:
+    if not value:
+        return "must not be empty"
+    try:
+        url = urllib.parse.urlsplit(value)
+    except ValueError:
+        return "is not a URL"
+    if url.scheme.lower() not in ("http", "https") or not url.hostname:
+        return "must be an http:// or https:// URL with a host"
+    if any(c.isspace() for c in value):
+        return "must not contain whitespace"
+    return None
+
+
 # The vendor's tables, field by field. ``bytes`` marks a base64 field that
 # MessagePack may also carry raw.
 SPECS: dict[str, dict[str, FieldSpec]] = {
     "sendaudio": {
         "audiochunk": FieldSpec(bytes),
-        "sample_rate": FieldSpec(int, check=_positive),
-        "encoding": FieldSpec(str, required=False, check=_one_of("pcm16")),
-        "channels": FieldSpec(int, required=False, check=_one_of(1)),
+        "sample_rate": FieldSpec(int, check=_sample_rate),
+        # pcm16 as the vendor documents; float32 (little-endian, -1..1) is ours.
+        "encoding": FieldSpec(str, required=False, check=_one_of(*ENCODINGS)),
+        "channels": FieldSpec(int, required=False, check=_mono),
         "endianness": FieldSpec(str, required=False, check=_one_of("little")),
+        # Ours, never sent to the bot: names the utterance in playback events.
+        "utterance_id": FieldSpec(str, required=False, check=_utterance_id),
     },
     "sendmsg": {
         # Both are required on the wire; a worker may give either, we send both.
@@ -87,7 +135,7 @@ SPECS: dict[str, dict[str, FieldSpec]] = {
         "img": FieldSpec(bytes),
     },
     "sendimg_url": {
-        "img_url": FieldSpec(str, check=_nonempty),
+        "img_url": FieldSpec(str, check=_http_url),
     },
 }
 
@@ -100,13 +148,17 @@ class Command:
 
     ``payload`` is the vendor's JSON map with ``bot_id`` filled in and base64
     fields as strings; ``data`` holds the decoded bytes of a base64 field
-    (the PCM of ``sendaudio``, the image of ``sendimg``).
+    (the PCM of ``sendaudio``, the image of ``sendimg``). A ``sendaudio`` also
+    carries its ``samples`` (int16, at ``payload["sample_rate"]``) and the
+    worker's ``utterance_id``, which is not part of the vendor's payload.
     """
 
     name: str
     payload: dict[str, Any]
     entry_id: str = ""
     data: bytes | None = field(default=None, repr=False)
+    samples: np.ndarray | None = field(default=None, repr=False)
+    utterance_id: str = ""
 
     def to_json(self) -> str:
         return json.dumps(self.payload, separators=(",", ":"), ensure_ascii=False)
@@ -155,7 +207,7 @@ def _decode_base64(name: str, value: str | bytes, command: str) -> bytes:
         raise CommandRejected("bad_field", f"{name} is not valid base64", command) from exc
 
 
-def validate_command(raw: dict[str, Any], bot_id: str) -> Command:
+def validate_command(raw: dict[str, Any], bot_id: str, *, max_image_bytes: int = IMAGE_MAX_BYTES) -> Command:
     """Check a decoded command map against the vendor's table for its command."""
     name = raw.get("command")
     if not isinstance(name, str) or name not in SPECS:
@@ -192,11 +244,37 @@ def validate_command(raw: dict[str, Any], bot_id: str) -> Command:
             raise CommandRejected("bad_field", f"{fname} {complaint}", name)
         payload[fname] = value
 
-    if name == "sendaudio" and data is not None and len(data) % 2:
-        raise CommandRejected("bad_field", f"audiochunk has {len(data)} bytes, not whole PCM16 samples", name)
+    if name == "sendaudio" and data is not None:
+        return _audio_command(payload, data)
+    if name == "sendimg" and data is not None:
+        _check_image(data, max_image_bytes)
     if name == "sendmsg":
         _settle_chat_text(payload)
     return Command(name, payload, data=data)
+
+
+def _audio_command(payload: dict[str, Any], data: bytes) -> Command:
+    encoding = payload.get("encoding", "pcm16")
+    if encoding == "pcm16" and len(data) % 2:
+        raise CommandRejected(
+            "bad_field", f"audiochunk has {len(data)} bytes, not whole PCM16 samples", "sendaudio"
+        )
+    try:
+        samples = decode_samples(data, encoding)
+    except ValueError as exc:
+        raise CommandRejected("bad_field", str(exc), "sendaudio") from exc
+    utterance_id = payload.pop("utterance_id", "")
+    return Command("sendaudio", payload, data=data, samples=samples, utterance_id=utterance_id)
+
+
+def _check_image(data: bytes, max_bytes: int) -> None:
+    """The bot shows JPEG or PNG only: check the bytes, not a name or a claim."""
+    if len(data) > max_bytes:
+        raise CommandRejected("too_large", f"img is {len(data)} bytes, the limit is {max_bytes}", "sendimg")
+    if not any(data.startswith(magic) for magic in _IMAGE_MAGIC):
+        raise CommandRejected(
+            "bad_field", f"img is not a JPEG or PNG (starts with {data[:8].hex()})", "sendimg"
+        )
 
 
 def _settle_chat_text(payload: dict[str, Any]) -> None:
@@ -211,10 +289,15 @@ def _settle_chat_text(payload: dict[str, Any]) -> None:
 
 
 def parse_command(
-    fields: Mapping[bytes | str, bytes | str], bot_id: str, *, entry_id: str = "", max_bytes: int = 16 << 20
+    fields: Mapping[bytes | str, bytes | str],
+    bot_id: str,
+    *,
+    entry_id: str = "",
+    max_bytes: int = 16 << 20,
+    max_image_bytes: int = IMAGE_MAX_BYTES,
 ) -> Command:
     """Decode and validate one command stream entry."""
-    command = validate_command(decode_entry(fields, max_bytes), bot_id)
+    command = validate_command(decode_entry(fields, max_bytes), bot_id, max_image_bytes=max_image_bytes)
     command.entry_id = entry_id
     return command
 

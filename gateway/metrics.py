@@ -40,6 +40,11 @@ CLOSE_REASONS = (
     "error",
 )
 
+#: Per-bot playback buffers whose bound can be hit (see gateway.playback).
+PLAYBACK_BOUNDS = ("held_seconds", "entries", "commands")
+PLAYBACK_END_REASONS = ("finished", "interrupt", "disconnected")
+_LATENESS_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -119,9 +124,52 @@ class Metrics:
         self.log_suppressed = Counter(
             f"{NS}_log_lines_suppressed_total", "Log lines dropped by rate limiting", registry=r
         )
+        self.playback_audio_sent = Counter(
+            f"{NS}_playback_audio_sent_seconds_total", "Audio sent to bots, seconds of playback", registry=r
+        )
+        self.playback_audio_held = Gauge(
+            f"{NS}_playback_audio_held_seconds", "Audio accepted from workers and not yet sent, all bots",
+            registry=r,
+        )
+        self.playback_audio_cut = Counter(
+            f"{NS}_playback_audio_cut_seconds_total",
+            "Audio of utterances that did not play out, by why (interrupt or disconnected)",
+            ["reason"],
+            registry=r,
+        )
+        self.playback_utterances = Counter(
+            f"{NS}_playback_utterances_total", "Utterances ended, by how", ["reason"], registry=r
+        )
+        self.playback_underruns = Counter(
+            f"{NS}_playback_underruns_total",
+            "Chunks sent after the modelled bot queue ran dry inside an utterance (audible gaps)",
+            registry=r,
+        )
+        self.playback_lateness = Histogram(
+            f"{NS}_playback_chunk_lateness_seconds",
+            "How long after it was due an audio chunk was taken for sending (pacing jitter)",
+            buckets=_LATENESS_BUCKETS,
+            registry=r,
+        )
+        self.playback_bound_hits = Counter(
+            f"{NS}_playback_bound_hits_total",
+            "Times a per-bot buffer was full: sendaudio rejected, or command reading paused",
+            ["bound"],
+            registry=r,
+        )
+        self.chat_coalesced = Counter(
+            f"{NS}_chat_interims_coalesced_total", "Interim sendchat updates replaced by a newer one unsent",
+            registry=r,
+        )
         self._preinit()
 
     def _preinit(self) -> None:
+        for bound in PLAYBACK_BOUNDS:
+            self.playback_bound_hits.labels(bound)
+        for reason in PLAYBACK_END_REASONS:
+            self.playback_utterances.labels(reason)
+            if reason != "finished":
+                self.playback_audio_cut.labels(reason)
         for ch in CHANNELS:
             self.connections.labels(ch)
             self.connections_opened.labels(ch)

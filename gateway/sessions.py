@@ -8,15 +8,16 @@ connection on a channel replaces the older one, which is closed with 4409.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 
 from websockets.asyncio.server import ServerConnection
 
 from gateway.commands import Command
 from gateway.keys import BotKeys
+from gateway.playback import PlaybackConfig, PlaybackScheduler
 from gateway.protocol import Channel
 
 _conn_counter = itertools.count()
@@ -28,42 +29,49 @@ def new_conn_id() -> str:
 
 
 class Outbox:
-    """Commands validated and waiting to be written to one control connection, in order.
+    """What waits to be written to one control connection: the async side of a
+    :class:`~gateway.playback.PlaybackScheduler` (which decides order and pacing).
 
-    Bounded by the reader: when it holds ``limit`` commands, reading that bot's
-    stream pauses (nothing is dropped; unread entries wait in Redis).
+    :meth:`put` never blocks; :meth:`wait` sleeps until new input or the
+    scheduler's next deadline. Reading a bot's stream pauses while ``limit``
+    non-audio commands wait (nothing is dropped; unread entries stay in Redis).
+    Audio does not count: it is bounded by the scheduler, which rejects what
+    is over, so that an ``interrupt`` is always read at once.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, bot_id: str = "", playback: PlaybackConfig | None = None) -> None:
         self.limit = limit
-        self._items: deque[Command] = deque()
-        self._ready = asyncio.Event()
+        self.scheduler = PlaybackScheduler(bot_id, playback)
+        self._wakeup = asyncio.Event()
+        self.clock = asyncio.get_running_loop().time  # monotonic, as the loop's timers
+        self.reported_held_s = 0.0  # this bot's share of the held-audio gauge
 
     def put(self, command: Command) -> None:
-        self._items.append(command)
-        self._ready.set()
+        """Hand a validated command to the scheduler; raises CommandRejected (queue_full)."""
+        self.scheduler.submit(command, self.clock())
+        self._wakeup.set()
 
-    def put_front(self, command: Command) -> None:
-        self._items.appendleft(command)
-        self._ready.set()
-
-    async def get(self) -> Command:
-        while not self._items:
-            self._ready.clear()
-            # Cancelling here loses nothing: no command has been taken.
-            await self._ready.wait()
-        return self._items.popleft()
+    async def wait(self, deadline: float | None) -> None:
+        """Sleep until :meth:`put` or ``deadline`` (loop time; None: no deadline)."""
+        self._wakeup.clear()
+        # Cancelling here loses nothing: the scheduler still holds everything.
+        if deadline is None:
+            await self._wakeup.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await self._wakeup.wait()
 
     @property
     def full(self) -> bool:
-        return len(self._items) >= self.limit
+        return self.scheduler.pending_commands >= self.limit
 
     @property
     def low(self) -> bool:
-        return len(self._items) <= self.limit // 2
+        return self.scheduler.pending_commands <= self.limit // 2
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self.scheduler.pending_commands
 
 
 @dataclass(eq=False)

@@ -66,6 +66,12 @@ class Settings:
     command_block_ms: int = _opt(2000, "BLOCK of the command stream reads")
     command_read_count: int = _opt(64, "Entries read per stream and round trip")
     outbox_max_commands: int = _opt(256, "Commands held per bot before reading pauses (backpressure)")
+    image_max_bytes: int = _opt(2 << 20, "Largest sendimg image (decoded bytes); larger ones are rejected")
+    # Audio playback (see docs/PLAYBACK.md)
+    playback_chunk_ms: int = _opt(100, "Audio is sent to bots in chunks of this length")
+    playback_lead_ms: int = _opt(300, "Most audio queued at a bot ahead of playback (heard after an interrupt)")
+    playback_max_held_s: float = _opt(120.0, "Audio held per bot awaiting playback; more is rejected")
+    playback_max_entries: int = _opt(1024, "sendaudio entries held per bot; more are rejected")
     # Publishing
     publish_buffer_bytes: int = _opt(64 << 20, "Audio and events held for Redis; beyond it the oldest audio is dropped")
     publish_batch_max: int = _opt(2000, "Most stream entries sent in one pipeline")
@@ -87,6 +93,11 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        for name in ("image_max_bytes", "playback_chunk_ms", "playback_max_held_s", "playback_max_entries"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.playback_lead_ms < self.playback_chunk_ms:
+            problems.append("playback_lead_ms must be at least playback_chunk_ms")
         if not 1 <= self.command_shards <= 1024:
             problems.append("command_shards must be 1-1024")
         if not self.key_prefix or any(c in self.key_prefix for c in "{} \t\r\n"):

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -49,6 +50,77 @@ class ReceivedCommand:
     command: dict[str, Any]
 
 
+@dataclass
+class HeardChunk:
+    """One ``sendaudio`` chunk as the bot plays it: queued on arrival, played in turn."""
+
+    arrived: float  # time.monotonic()
+    start: float  # when the bot starts playing it
+    n: int  # samples at 48 kHz
+    samples: np.ndarray | None = None
+    rate: object = BOT_SAMPLE_RATE  # as the command said: the bot plays everything at 48 kHz
+    heard: int = -1  # samples actually played (less if an interrupt cut it); -1: all
+
+    @property
+    def heard_n(self) -> int:
+        return self.n if self.heard < 0 else self.heard
+
+    @property
+    def end(self) -> float:
+        return self.start + self.heard_n / BOT_SAMPLE_RATE
+
+
+@dataclass
+class PlaybackModel:
+    """What the meeting hears from a bot: a FIFO of received audio played at 48 kHz.
+
+    Google Meet bots clear the queue on ``interrupt`` (``honours_interrupt``);
+    Zoom and Teams bots accept it and play on. Times are ``time.monotonic()``.
+    """
+
+    honours_interrupt: bool = True
+    keep_samples: bool = True
+    chunks: list[HeardChunk] = field(default_factory=list)
+    interrupts: list[float] = field(default_factory=list)
+    queue_end: float = 0.0
+
+    def receive(self, at: float, command: dict[str, Any]) -> None:
+        name = command.get("command")
+        if name == "sendaudio":
+            pcm = base64.b64decode(command["audiochunk"])
+            samples = np.frombuffer(pcm, dtype="<i2") if self.keep_samples else None
+            start = max(at, self.queue_end)
+            chunk = HeardChunk(at, start, len(pcm) // 2, samples, rate=command.get("sample_rate"))
+            self.chunks.append(chunk)
+            self.queue_end = chunk.end
+        elif name == "interrupt":
+            self.interrupts.append(at)
+            if self.honours_interrupt:
+                for chunk in self.chunks:
+                    if chunk.end > at:
+                        chunk.heard = max(0, round((at - chunk.start) * BOT_SAMPLE_RATE))
+                self.queue_end = min(self.queue_end, at)
+
+    def queued_s(self, at: float) -> float:
+        """Audio waiting at the bot at ``at`` (received, not yet played)."""
+        return sum(
+            max(0.0, c.end - max(at, c.start)) for c in self.chunks if c.arrived <= at
+        )
+
+    def heard_after_s(self, at: float) -> float:
+        """Seconds of audio the meeting hears after ``at``."""
+        return sum(max(0.0, c.end - max(at, c.start)) for c in self.chunks)
+
+    def gaps_s(self) -> list[float]:
+        """Silence between consecutive chunks (0.0 where one follows the other at once)."""
+        return [max(0.0, b.start - a.end) for a, b in itertools.pairwise(self.chunks)]
+
+    def audio(self) -> np.ndarray:
+        """Everything heard, joined (needs ``keep_samples``)."""
+        parts = [c.samples[: c.heard_n] for c in self.chunks if c.samples is not None]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int16)
+
+
 def tone(freq_hz: float, n_samples: int, start_sample: int = 0, amplitude: float = 0.3) -> bytes:
     """PCM16 LE samples of a sine tone; deterministic, so tests can rebuild what was sent."""
     t = (np.arange(n_samples) + start_sample) / BOT_SAMPLE_RATE
@@ -71,6 +143,7 @@ class SimulatedBot:
     _reader: asyncio.Task[None] | None = None
     _new_command: asyncio.Event = field(default_factory=asyncio.Event)
     on_command: Callable[[ReceivedCommand], None] | None = None
+    playback: PlaybackModel = field(default_factory=PlaybackModel)
 
     def _url(self, channel: str) -> str:
         base = self.base_url.rstrip("/")
@@ -100,6 +173,7 @@ class SimulatedBot:
             async for message in ws:
                 item = ReceivedCommand(time.monotonic(), int(time.time() * 1000), json.loads(message))
                 self.received.append(item)
+                self.playback.receive(item.at, item.command)
                 if self.on_command is not None:
                     self.on_command(item)
                 self._new_command.set()
