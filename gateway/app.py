@@ -102,6 +102,7 @@ class Gateway:
             max_size=settings.ws_max_message_bytes,
             ping_interval=ping,
             ping_timeout=settings.ws_ping_timeout_s if ping else None,
+            close_timeout=settings.ws_close_timeout_s,
             logger=logging.getLogger("websockets.server"),
         )
         if settings.metrics_port:

@@ -11,12 +11,15 @@ import asyncio
 import contextlib
 import http
 import logging
+import weakref
 from typing import Any
 
+from redis.exceptions import RedisError
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from gateway.auth import AuthError, Claims, check_bot, redact_query, split_secrets, token_from_request, verify
 from gateway.command_reader import CommandReader, Entry
 from gateway.commands import Command, command_label, entry_time_ms, parse_command
 from gateway.exceptions import BadRoute, CommandRejected, FrameError, MessageError
@@ -46,6 +49,19 @@ CLOSE_BAD_REQUEST = 4400
 CLOSE_HANDSHAKE_TIMEOUT = 4408
 CLOSE_REPLACED = 4409
 CLOSE_SERVICE_RESTART = 1012
+CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_FORBIDDEN = 4403
+CLOSE_IDLE = 4410
+CLOSE_TOO_SLOW = 4429
+
+#: Close codes that say why a connection ended better than how the handler left.
+_CLOSE_CODE_REASONS = {
+    CLOSE_REPLACED: "replaced",
+    CLOSE_SERVICE_RESTART: "shutdown",
+    CLOSE_MESSAGE_TOO_BIG: "message_too_big",
+    CLOSE_IDLE: "idle",
+    CLOSE_TOO_SLOW: "too_slow",
+}
 
 _CLOSE_REASON_TEXT = {
     "bot_id_mismatch": "bot_id mismatch between path and handshake",
@@ -79,11 +95,14 @@ class BotServer:
         self.backend = backend
         self.publisher = publisher
         self.registry = SessionRegistry()
-        self.reader = CommandReader(backend, keyspace, settings, metrics, self._deliver)
+        self.reader = CommandReader(backend, keyspace, settings, metrics, self._deliver, self._evicted)
         self.draining = False
         self._log_limit = RateLimiter(burst=5, interval_s=10.0)
         self._max_age_ms = int(settings.command_max_age_s * 1000)
         self._background: set[asyncio.Task[Any]] = set()
+        self._secrets = split_secrets(settings.auth_secret)
+        self._claims: weakref.WeakKeyDictionary[ServerConnection, Claims] = weakref.WeakKeyDictionary()
+        self.open_connections = 0
 
     # -- HTTP, before the upgrade ---------------------------------------------
 
@@ -91,7 +110,8 @@ class BotServer:
         return self.publisher.healthy and not self.draining
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = request.path.split("?", 1)[0]
+        """Answer probes, and refuse what must not be upgraded: before any WebSocket exists."""
+        path = redact_query(request.path)
         if path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "ok\n")
         if path == "/readyz":
@@ -99,14 +119,35 @@ class BotServer:
                 return connection.respond(http.HTTPStatus.OK, "ready\n")
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
         if self.draining:
-            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            return self._refuse(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining", path)
+        if self.open_connections >= self.settings.max_connections:
+            return self._refuse(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "over_capacity", path)
         try:
-            parse_path(request.path)
+            route = parse_path(request.path)
         except BadRoute as exc:
-            if self._log_limit.allow("bad_path"):
-                log.warning("refused request", extra={"reason": exc.reason, "path": path[:200]})
-            return connection.respond(http.HTTPStatus.NOT_FOUND, f"{exc.detail}\n")
+            status = http.HTTPStatus.BAD_REQUEST if exc.reason == "bad_bot_id" else http.HTTPStatus.NOT_FOUND
+            return self._refuse(connection, status, "bad_path", path, exc.detail)
+        if self._secrets:
+            try:
+                token = token_from_request(request.path, request.headers.get("Authorization"))
+                claims = verify(self._secrets, token)
+                check_bot(claims, route.bot_id)
+            except AuthError as exc:
+                return self._refuse(connection, http.HTTPStatus(exc.status), exc.reason, path, exc.detail)
+            self._claims[connection] = claims
         return None
+
+    def _refuse(
+        self, connection: ServerConnection, status: http.HTTPStatus, reason: str, path: str, detail: str = ""
+    ) -> Response:
+        self.metrics.connections_refused.labels(reason).inc()
+        if self._log_limit.allow(f"refuse:{reason}"):
+            # The path is logged without its query string: that is where tokens travel.
+            log.warning(
+                "refused connection",
+                extra={"status": int(status), "reason": reason, "path": path[:200], "detail": detail},
+            )
+        return connection.respond(status, f"{detail or status.phrase}\n")
 
     # -- connections ----------------------------------------------------------
 
@@ -116,7 +157,10 @@ class BotServer:
         channel = route.channel
         self.metrics.connections.labels(channel).inc()
         self.metrics.connections_opened.labels(channel).inc()
+        self.open_connections += 1
         close_reason = "bot_left"
+        if self.settings.idle_timeout_s > 0:
+            self._idle_watchdog(conn)
         try:
             if route.bot_id is not None:
                 self._bind(conn, route.bot_id)
@@ -130,25 +174,30 @@ class BotServer:
                 "closing bot connection",
                 extra={"bot_id": conn.bot_id, "channel": channel, "code": close.code, "reason": close.reason},
             )
-            await ws.close(close.code, close.text)
+            await self._close(ws, close.code, close.text)
         except ConnectionClosed:
             pass
         finally:
-            if ws.close_code == CLOSE_REPLACED:
-                close_reason = "replaced"
-            elif ws.close_code == CLOSE_SERVICE_RESTART:
-                close_reason = "shutdown"
+            if conn.watchdog is not None:
+                conn.watchdog.cancel()
+            # A peer that never answers our close leaves code 1006: our own decision says why.
+            close_reason = conn.close_reason or _CLOSE_CODE_REASONS.get(ws.close_code, close_reason)  # type: ignore[arg-type]
+            self.open_connections -= 1
             self.metrics.connections.labels(channel).dec()
             self.metrics.connections_closed.labels(channel, close_reason).inc()
             await self._unbind(conn)
 
     def _bind(self, conn: BotConnection, bot_id: str) -> BotKeys:
+        claims = self._claims.get(conn.ws)
+        if claims is not None and claims.bot is not None and claims.bot != bot_id:
+            # A bare path: the token's bot could only be checked once the handshake named one.
+            raise _CloseWith(CLOSE_FORBIDDEN, "wrong_bot", "token is bound to another bot")
         keys = self.keyspace.bot(bot_id)
         conn.bot_id = bot_id
         session, created, replaced = self.registry.attach(keys, conn)
         self.metrics.bots.set(len(self.registry))
         if created:
-            self.publisher.expire((keys.audio, keys.events, keys.commands), self.settings.key_ttl_s)
+            self.publisher.expire(self._expiring(keys), self.settings.key_ttl_s)
         self.publisher.event(
             keys, "connected", conn.channel, conn=conn.conn_id, gateway=self.settings.gateway_id,
             **keys.as_fields(),
@@ -159,7 +208,8 @@ class BotServer:
         )
         if replaced is not None:
             log.info("newer connection replaces older", extra={"bot_id": bot_id, "channel": conn.channel})
-            self._spawn(replaced.ws.close(CLOSE_REPLACED, "replaced by a newer connection"))
+            replaced.close_reason = "replaced"
+            self._spawn(self._close(replaced.ws, CLOSE_REPLACED, "replaced by a newer connection"))
         return keys
 
     async def _unbind(self, conn: BotConnection) -> None:
@@ -182,9 +232,37 @@ class BotServer:
         )
         if current and conn.channel == "control" and conn.ready:
             await self.reader.remove(keys.bot_id)
+        if conn.evicted_by is not None:
+            # Our unsent or unacked commands are pending under our name: the new owner claims them.
+            with contextlib.suppress(RedisError):
+                await self.reader.signal(conn.evicted_by, keys, reclaim=keys.bot_id)
         if ended:
             self.publisher.event(keys, "session_ended", conn.channel)
-            self.publisher.expire((keys.audio, keys.events, keys.commands), self.settings.key_ttl_s)
+            self.publisher.expire(self._expiring(keys), self.settings.key_ttl_s)
+
+    def _idle_watchdog(self, conn: BotConnection) -> None:
+        """Close a connection silent for ``idle_timeout_s``: checked every half period, so a
+        frame costs one attribute write, not a timer reschedule."""
+        loop = asyncio.get_running_loop()
+        idle_s = self.settings.idle_timeout_s
+        conn.last_rx = loop.time()
+
+        def check() -> None:
+            if loop.time() - conn.last_rx > idle_s:
+                conn.close_reason = "idle"
+                self._spawn(self._close(conn.ws, CLOSE_IDLE, "idle timeout"))
+            else:
+                conn.watchdog = loop.call_later(idle_s / 2, check)
+
+        conn.watchdog = loop.call_later(idle_s / 2, check)
+
+    def _over_rate(self, conn: BotConnection, now: float) -> bool:
+        """A fixed one-second window per connection: cheap enough for every frame."""
+        if now - conn.window_start >= 1.0:
+            conn.window_start = now
+            conn.window_count = 0
+        conn.window_count += 1
+        return conn.window_count > self.settings.max_frames_per_s
 
     def _drop(self, conn: BotConnection, reason: str, detail: str = "") -> None:
         self.metrics.dropped.labels(reason).inc()
@@ -223,9 +301,15 @@ class BotServer:
         bytes_received = metrics.bytes_received
         publish = self.publisher.audio
         keys = self.keyspace.bot(conn.bot_id)
+        clock = asyncio.get_running_loop().time
+        over_rate = self._over_rate
         # Cancelling this loop loses nothing accepted: each frame is handed to the
         # publisher synchronously, before the next await.
         async for message in ws:
+            now = conn.last_rx = clock()
+            if over_rate(conn, now):
+                self._drop(conn, "rate_limited")
+                continue
             if isinstance(message, bytes):
                 try:
                     frame = parse_audio_frame(message)
@@ -303,13 +387,22 @@ class BotServer:
                 self.settings.outbox_max_commands, bot_id, PlaybackConfig.from_settings(self.settings)
             )
             self.publisher.event(keys, "ready", "control", data=message, conn=conn.conn_id)
+            await self._take_ownership(conn, keys)
             conn.sender = asyncio.create_task(self._send_commands(conn, keys), name=f"send-{bot_id}")
             await self.reader.add(keys)
 
         keys = self.keyspace.bot(conn.bot_id)  # type: ignore[arg-type]
+        clock = asyncio.get_running_loop().time
         async for message in ws:
+            now = conn.last_rx = clock()
+            if self._over_rate(conn, now):
+                self._drop(conn, "rate_limited")
+                continue
             if isinstance(message, bytes):
                 self._drop(conn, "binary_on_control")
+                continue
+            if len(message) > self.settings.control_max_message_bytes:
+                self._drop(conn, "too_large", f"{len(message)} characters")
                 continue
             self.metrics.messages_received.labels("control").inc()
             try:
@@ -399,10 +492,19 @@ class BotServer:
                         continue
                 # Cancelled or broken during this write: the entry stays unacked and is
                 # delivered again on the bot's next control connection.
-                await ws.send(out.text)
+                try:
+                    async with asyncio.timeout(self.settings.send_timeout_s):
+                        await ws.send(out.text)
+                except TimeoutError:
+                    # A bot that stops reading must not hold commands (or memory) forever;
+                    # the unacked entry is delivered on its next connection.
+                    log.warning("bot too slow to take commands, closing", extra={"bot_id": keys.bot_id})
+                    conn.close_reason = "too_slow"
+                    self._spawn(self._close(ws, CLOSE_TOO_SLOW, "too slow to read commands"))
+                    return
                 scheduler.sent(out, clock())
                 self._count_sent(out)
-                self.publisher.ack(keys.commands, COMMAND_GROUP, out.acks)
+                self.publisher.ack(keys.commands, COMMAND_GROUP, out.acks, owner=conn.owner)
                 if outbox.low:
                     await self.reader.resume(keys.bot_id)
         except ConnectionClosed:
@@ -457,13 +559,59 @@ class BotServer:
 
     # -- housekeeping -------------------------------------------------------------
 
+    async def _take_ownership(self, conn: BotConnection, keys: BotKeys) -> None:
+        """Record this connection as the bot's owner; evict the previous one on another gateway."""
+        owner_key = self.keyspace.owner(keys.bot_id)
+        token = f"{self.settings.gateway_id}/{conn.conn_id}"
+        conn.owner = (owner_key, token)
+        try:
+            previous = await self.backend.client.set(owner_key, token, ex=self.settings.key_ttl_s, get=True)
+        except RedisError as exc:
+            log.warning("could not record bot owner", extra={"bot_id": keys.bot_id, "error": repr(exc)})
+            return
+        if not previous:
+            return
+        prev_gateway, _, prev_conn = previous.decode().partition("/")
+        if prev_gateway != self.settings.gateway_id:
+            log.info("taking bot over from another gateway", extra={"bot_id": keys.bot_id, "from": prev_gateway})
+            try:
+                await self.reader.signal(
+                    prev_gateway, keys, evict=keys.bot_id, conn=prev_conn, by=self.settings.gateway_id
+                )
+            except RedisError as exc:
+                log.warning("could not signal the previous owner", extra={"bot_id": keys.bot_id,
+                                                                            "error": repr(exc)})
+
+    def _evicted(self, bot_id: str, conn_id: str, by: str) -> None:
+        """Another gateway took this bot over: close our (probably half-open) control socket."""
+        session = self.registry.get(bot_id)
+        conn = session.control if session is not None else None
+        if conn is None or conn.conn_id != conn_id:
+            return
+        log.info("bot taken over by another gateway", extra={"bot_id": bot_id, "by": by})
+        conn.evicted_by = by
+        conn.close_reason = "replaced"
+        self._spawn(self._close(conn.ws, CLOSE_REPLACED, "replaced by a newer connection"))
+
+    async def _close(self, ws: ServerConnection, code: int, reason: str) -> None:
+        """Close with a code, but never wait on a peer that does not read: websockets drains
+        its write buffer before the close timeout starts, so a stuck bot would hang us."""
+        try:
+            async with asyncio.timeout(self.settings.ws_close_timeout_s):
+                await ws.close(code, reason)
+        except TimeoutError:
+            ws.transport.abort()
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _expiring(self, keys: BotKeys) -> tuple[str, ...]:
+        return (keys.audio, keys.events, keys.commands, self.keyspace.owner(keys.bot_id))
+
     def refresh_expiry(self) -> None:
         """Keep live bots' keys from expiring; a crashed gateway's keys still expire."""
         for session in self.registry:
             keys = session.keys
-            self.publisher.expire((keys.audio, keys.events, keys.commands), self.settings.key_ttl_s)
+            self.publisher.expire(self._expiring(keys), self.settings.key_ttl_s)

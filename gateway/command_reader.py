@@ -43,6 +43,8 @@ MAX_BACKOFF_S = 0.5
 Entry = tuple[str, dict[bytes, bytes]]
 #: Called with a bot and its entries, in stream order; must not block.
 Deliver = Callable[[str, list[Entry]], None]
+#: Called when another gateway took over a bot: (bot_id, our conn_id it replaces, new gateway_id).
+Evict = Callable[[str, str, str], None]
 
 
 async def ensure_group(client: Any, stream: str) -> None:
@@ -87,12 +89,15 @@ class CommandReader:
         settings: Settings,
         metrics: Metrics,
         deliver: Deliver,
+        evict: Evict | None = None,
     ) -> None:
         self.backend = backend
         self.keyspace = keyspace
         self.settings = settings
         self.metrics = metrics
         self.deliver = deliver
+        self.evict = evict
+        self._background: set[asyncio.Task[None]] = set()
         self.consumer = settings.gateway_id
         self._groups: dict[int, _Group] = {}
         self._bots: dict[str, BotKeys] = {}
@@ -257,6 +262,7 @@ class CommandReader:
                     decoded = _decode_entries(entries)
                     if stream == group.wake_key:
                         await conn.xack(group.wake_key, COMMAND_GROUP, *[e[0] for e in decoded])
+                        self._on_signals(decoded)
                         continue
                     bot_id = group.members.get(stream)
                     if bot_id is None:
@@ -279,6 +285,40 @@ class CommandReader:
             if group.members and not self._stopping:
                 # A bot joined while this loop was winding down: carry on for it.
                 group.task = asyncio.create_task(self._read_loop(group), name=f"commands-slot-{group.slot}")
+
+    async def signal(self, gateway_id: str, keys: BotKeys, **fields: str) -> None:
+        """Tell another gateway something about a bot, through its wake stream in the bot's shard slot."""
+        wake = self.keyspace.shard_wake(keys.shard, gateway_id)
+        pipe = self.backend.client.pipeline(transaction=False)
+        pipe.xadd(wake, fields, maxlen=1000, approximate=True)
+        pipe.expire(wake, self.settings.key_ttl_s)
+        await pipe.execute()
+
+    def _on_signals(self, entries: list[Entry]) -> None:
+        for _, fields in entries:
+            if b"evict" in fields and self.evict is not None:
+                self.evict(
+                    fields[b"evict"].decode(), fields.get(b"conn", b"").decode(), fields.get(b"by", b"").decode()
+                )
+            elif b"reclaim" in fields:
+                task = asyncio.create_task(self._reclaim(fields[b"reclaim"].decode()))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _reclaim(self, bot_id: str) -> None:
+        """The gateway we took a bot over from has let go: take what it left pending."""
+        keys = self._bots.get(bot_id)
+        if keys is None:
+            return
+        try:
+            pending = await self._claim_pending(keys)
+        except RedisError as exc:
+            log.warning("reclaim failed", extra={"bot_id": bot_id, "error": repr(exc)})
+            return
+        if pending and bot_id in self._bots:
+            log.info("delivering commands left by the previous owner", extra={"bot_id": bot_id,
+                                                                              "count": len(pending)})
+            self.deliver(bot_id, pending)
 
     @staticmethod
     def _iter_reply(reply: Any) -> list[tuple[Any, list[Any]]]:

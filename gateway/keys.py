@@ -86,5 +86,9 @@ class KeySpace:
         return f"{self.prefix}:{{{shard_tag(shard, self.command_shards)}}}:wake:{gateway_id}"
 
     def owner(self, bot_id: str) -> str:
-        """Which gateway connection currently owns the bot's control channel."""
-        return f"{self.prefix}:{{{bot_id}}}:owner"
+        """Which gateway connection owns the bot's control channel (``gateway_id/conn_id``).
+
+        In the command stream's slot, so that a conditional XACK can read it atomically.
+        """
+        shard = command_shard(bot_id, self.command_shards)
+        return f"{self.prefix}:{{{shard_tag(shard, self.command_shards)}}}:{bot_id}:owner"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from gateway.auth import AUTH_FAILURES
 from gateway.commands import COMMANDS, REJECT_REASONS
 from gateway.protocol import CHANNELS, FRAME_ERRORS
 
@@ -25,6 +26,8 @@ DROP_REASONS = (
     "before_handshake",
     "buffer_full",
     "redis_error",
+    "rate_limited",
+    "too_large",
 )
 PUBLISH_KINDS = ("audio", "event")
 REDIS_OPS = ("publish", "read_commands", "ack", "claim", "expire", "ping")
@@ -37,8 +40,14 @@ CLOSE_REASONS = (
     "handshake_timeout",
     "replaced",
     "shutdown",
+    "too_slow",
+    "idle",
+    "message_too_big",
+    "wrong_bot",
     "error",
 )
+#: Why a connection was refused before the WebSocket upgrade.
+REFUSE_REASONS = ("bad_path", "draining", "over_capacity", *AUTH_FAILURES)
 
 #: Per-bot playback buffers whose bound can be hit (see gateway.playback).
 PLAYBACK_BOUNDS = ("held_seconds", "entries", "commands")
@@ -64,6 +73,12 @@ class Metrics:
             f"{NS}_connections_closed_total",
             "Bot connections ended, by why",
             ["channel", "reason"],
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            f"{NS}_connections_refused_total",
+            "Connections refused before the WebSocket upgrade (HTTP 4xx/503), by reason",
+            ["reason"],
             registry=r,
         )
         self.bots = Gauge(f"{NS}_bots_connected", "Bots with at least one open channel", registry=r)
@@ -96,6 +111,11 @@ class Metrics:
         )
         self.commands_delivered = Counter(
             f"{NS}_commands_delivered_total", "Commands sent to bots", ["command"], registry=r
+        )
+        self.acks_refused = Counter(
+            f"{NS}_command_acks_refused_total",
+            "Acks not applied because another connection took the bot over (the command is redelivered)",
+            registry=r,
         )
         self.commands_rejected = Counter(
             f"{NS}_commands_rejected_total",
@@ -178,6 +198,8 @@ class Metrics:
                 self.connections_closed.labels(ch, reason)
         for reason in DROP_REASONS:
             self.dropped.labels(reason)
+        for reason in REFUSE_REASONS:
+            self.connections_refused.labels(reason)
         for kind in PUBLISH_KINDS:
             self.published.labels(kind)
         for cmd in (*COMMANDS, "unknown"):

@@ -42,6 +42,12 @@ MAX_BACKOFF_S = 0.5
 #: Event types that also go to the global lifecycle stream.
 LIFECYCLE = frozenset({"connected", "ready", "audio_handshake", "disconnected", "session_ended"})
 CONTROL_BUFFER_MAX = 100_000
+#: KEYS: commands stream, owner key; ARGV: group, expected owner, ids. -1: not the owner.
+ACK_IF_OWNER = """
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[2] then return -1 end
+return redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
+"""
 _SR = str(BOT_SAMPLE_RATE).encode()
 
 
@@ -123,10 +129,22 @@ class Publisher:
                 ("XADD", self.keyspace.global_events, b"MAXLEN", b"~", self._maxlen_global, b"*", *fields),
             )
 
-    def ack(self, stream: str, group: str, entry_ids: Iterable[str]) -> None:
+    def ack(
+        self, stream: str, group: str, entry_ids: Iterable[str], owner: tuple[str, str] | None = None
+    ) -> None:
+        """XACK; with ``owner`` (owner key, token), only while that key still holds that token.
+
+        A connection that lost its bot to a newer one (maybe on another gateway) may have
+        written to a half-open socket: its acks are refused, the entries stay pending, and
+        the new owner claims and sends them. A repeat, never a silent loss.
+        """
         ids = tuple(entry_ids)
-        if ids:
+        if not ids:
+            return
+        if owner is None:
             self._control_op("ack", ("XACK", stream, group, *ids))
+        else:
+            self._control_op("ack", ("EVAL", ACK_IF_OWNER, 2, stream, owner[0], group, owner[1], *ids))
 
     def expire(self, keys: Iterable[str], ttl_s: int) -> None:
         for key in keys:
@@ -250,6 +268,9 @@ class Publisher:
                 if op.kind == "audio":
                     self.metrics.dropped.labels("redis_error").inc()
                 log.error("redis refused a write", extra={"kind": op.kind, "key": str(op.args[1]), "error": str(result)})
+            elif op.kind == "ack" and result == -1:
+                self.metrics.acks_refused.inc()
+                log.info("ack refused: the bot is owned by another connection now", extra={"key": str(op.args[3])})
             elif op.kind == "audio":
                 audio += 1
                 audio_bytes += op.size

@@ -85,6 +85,15 @@ class BotConnection:
     ready: bool = False
     outbox: Outbox | None = None
     sender: asyncio.Task[None] | None = None
+    # Ownership of the bot's commands, as recorded in Redis: (owner key, "gateway_id/conn_id").
+    owner: tuple[str, str] | None = None
+    evicted_by: str | None = None  # the gateway that took this bot over, to hand leftovers to
+    close_reason: str | None = None  # set when the gateway decides to close (metric label)
+    # Bounds: last receive time (idle watchdog) and a one-second rate window.
+    last_rx: float = 0.0
+    watchdog: asyncio.TimerHandle | None = None
+    window_start: float = 0.0
+    window_count: int = 0
 
 
 @dataclass(eq=False)

@@ -45,6 +45,16 @@ class Settings:
     drain_timeout_s: float = _opt(
         300.0, "On SIGTERM, let connected bots finish for up to this long, then close with 1012"
     )
+    # Admission and bounds per connection
+    auth_secret: str = _opt(
+        "", "HMAC secret(s) for bot tokens, comma-separated (first signs); empty disables auth", secret=True
+    )
+    control_max_message_bytes: int = _opt(64 << 10, "Largest control-channel message; larger ones are dropped")
+    max_frames_per_s: float = _opt(250.0, "Messages per second a connection may send; the excess is dropped")
+    max_connections: int = _opt(20_000, "Bot connections per replica; beyond it new ones get HTTP 503")
+    idle_timeout_s: float = _opt(0.0, "Close a connection silent this long (0: off; pings already catch dead peers)")
+    send_timeout_s: float = _opt(10.0, "Close a bot that does not take a command within this time")
+    ws_close_timeout_s: float = _opt(5.0, "Wait this long for a bot to answer a close, then drop the TCP connection")
     # Metrics and probes
     metrics_host: str = _opt("0.0.0.0", "Address of the metrics and probe HTTP server")
     metrics_port: int = _opt(9108, "Port of /metrics, /healthz and /readyz (0 disables)")
@@ -89,7 +99,8 @@ class Settings:
             "ws_max_message_bytes", "command_shards", "audio_maxlen", "events_maxlen",
             "global_events_maxlen", "key_ttl_s", "command_max_bytes", "command_block_ms",
             "command_read_count", "outbox_max_commands", "publish_buffer_bytes",
-            "publish_batch_max", "redis_max_connections",
+            "publish_batch_max", "redis_max_connections", "control_max_message_bytes", "max_frames_per_s",
+            "max_connections", "send_timeout_s",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
@@ -214,5 +225,20 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+def update_readme(path: str = "README.md") -> None:
+    """Rewrite the README's settings table between its markers."""
+    with open(path) as f:
+        text = f.read()
+    start = text.index("\n", text.index("<!-- settings:start")) + 1
+    end = text.index("<!-- settings:end -->")
+    with open(path, "w") as f:
+        f.write(text[:start] + markdown_table() + "\n" + text[end:])
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    import sys
+
+    if "--update-readme" in sys.argv:
+        update_readme()
+    else:
+        print(markdown_table())

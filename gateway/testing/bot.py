@@ -168,6 +168,11 @@ class SimulatedBot:
         await self.connect_audio()
         return self
 
+    def stop_reading(self) -> None:
+        """Model a stuck bot: stop reading the control channel (TCP backpressure builds up)."""
+        if self._reader is not None:
+            self._reader.cancel()
+
     async def _read_control(self, ws: ClientConnection) -> None:
         with contextlib.suppress(Exception):
             async for message in ws:
@@ -244,7 +249,7 @@ class SimulatedBot:
             if ws is not None:
                 with contextlib.suppress(Exception):
                     await ws.close(code, reason)
-        if self._reader is not None:
+        if self._reader is not None and not self._reader.cancelled():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._reader, 5)
 

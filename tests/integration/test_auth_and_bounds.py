@@ -1,0 +1,135 @@
+"""Who may connect, and the bounds on what a connection may do, against a real gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from gateway.auth import mint
+from gateway.logs import JsonFormatter, ScrubFilter
+from gateway.protocol import AudioFrame
+from gateway.testing.bot import SimulatedBot
+from tests.conftest import running_gateway, ws_url
+from tests.helpers import eventually
+
+SECRET = "test-secret-0123456789"
+
+
+def refused(gw, reason):
+    return gw.metrics.registry.get_sample_value("meetstream_gateway_connections_refused_total", {"reason": reason})
+
+
+async def status_of(url, **kwargs):
+    with pytest.raises(InvalidStatus) as err:
+        async with connect(url, **kwargs):
+            pass
+    return err.value.response.status_code
+
+
+async def test_tokens_gate_the_upgrade(redis_url):
+    async with running_gateway(redis_url, auth_secret=f"new-secret,{SECRET}") as gw:
+        base = ws_url(gw)
+        assert await status_of(f"{base}/bot_1/audio") == 401
+        assert await status_of(f"{base}/bot_1/audio?token=garbage") == 401
+        assert await status_of(f"{base}/bot_1/audio?token={mint('wrong', 60, 'bot_1')}") == 401
+        assert await status_of(f"{base}/bot_1/audio?token={mint(SECRET, -5, 'bot_1')}") == 401
+        assert await status_of(f"{base}/bot_1/audio?token={mint(SECRET, 60, 'bot_2')}") == 403
+        assert [refused(gw, r) for r in ("missing", "malformed", "bad_signature", "expired", "wrong_bot")] == [1] * 5
+        # A token signed with the old secret still works during rotation; so does the header.
+        bot = SimulatedBot(base, "bot_1", query=f"token={mint(SECRET, 60, 'bot_1')}")
+        await bot.connect()
+        async with connect(f"{base}/bot_1/audio",
+                           additional_headers={"Authorization": f"Bearer {mint(SECRET, 60, 'bot_1')}"}) as ws:
+            await ws.send(json.dumps(bot.handshake()))
+        await bot.close()
+        assert gw.metrics.registry.get_sample_value(
+            "meetstream_gateway_connections_opened_total", {"channel": "audio"}) == 2
+
+
+async def test_bound_token_on_bare_path_is_checked_at_handshake(redis_url):
+    async with running_gateway(redis_url, auth_secret=SECRET) as gw:
+        token = mint(SECRET, 60, "bot_1")
+        async with connect(f"{ws_url(gw)}/control?token={token}") as ws:
+            await ws.send(json.dumps({"type": "ready", "bot_id": "bot_2", "message": "Ready"}))
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+        assert closed.value.rcvd.code == 4403
+        assert gw.bots.registry.get("bot_2") is None
+
+
+async def test_no_token_reaches_a_log_line(redis_url):
+    """Every logger at DEBUG, websockets' request lines included: the token never shows."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(ScrubFilter())
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    logging.getLogger("websockets").setLevel(logging.DEBUG)
+    token = mint(SECRET, 60, "bot_1")
+    try:
+        async with running_gateway(redis_url, auth_secret=SECRET) as gw:
+            await status_of(f"{ws_url(gw)}/bot_1/audio?token={mint(SECRET, 60, 'bot_9')}")
+            await status_of(f"{ws_url(gw)}/bot_1/video?token={token}")
+            async with SimulatedBot(ws_url(gw), "bot_1", query=f"token={token}"):
+                pass
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        logging.getLogger("websockets").setLevel(logging.WARNING)
+    text = out.getvalue()
+    assert "token=[redacted]" in text  # websockets did log the request line: the scrubber worked
+    assert token not in text
+    assert token.split(".")[2] not in text
+
+
+async def test_rate_limit_drops_the_excess_and_counts_it(redis_url, redis_client):
+    async with running_gateway(redis_url, max_frames_per_s=20) as gw:
+        bot = SimulatedBot(ws_url(gw), "bot_flood")
+        await bot.connect_audio()
+        frame = AudioFrame("s", "Ada", b"\x00\x00" * 48)
+        for _ in range(100):
+            await bot.send_frame(frame)
+        keys = gw.keyspace.bot("bot_flood")
+        dropped = await eventually(lambda: gw.metrics.registry.get_sample_value(
+            "meetstream_gateway_frames_dropped_total", {"reason": "rate_limited"}))
+        await gw.publisher.flush(5)
+        stored = await redis_client.xlen(keys.audio)
+        # Every frame is either stored or counted as dropped (the handshake came first and passed).
+        assert stored + dropped == 100
+        assert 15 <= stored <= 40
+        await bot.close()
+
+
+async def test_oversized_messages(redis_url):
+    async with running_gateway(redis_url, control_max_message_bytes=1000, ws_max_message_bytes=100_000) as gw:
+        async with SimulatedBot(ws_url(gw), "bot_big") as bot:
+            await bot.control.send(json.dumps({"type": "note", "blob": "x" * 2000}))
+            await eventually(lambda: gw.metrics.registry.get_sample_value(
+                "meetstream_gateway_frames_dropped_total", {"reason": "too_large"}) == 1)
+            # Past the hard cap, the WebSocket layer closes with 1009.
+            await bot.audio.send(b"\x01" + b"\x00" * 200_000)
+            await eventually(lambda: bot.audio.close_code == 1009, 5)
+            assert bot.control.close_code is None  # the control channel is untouched
+
+
+async def test_connection_cap_and_idle_timeout(redis_url):
+    async with running_gateway(redis_url, max_connections=2, idle_timeout_s=0.6) as gw:
+        bot = SimulatedBot(ws_url(gw), "bot_cap")
+        await bot.connect()
+        assert await status_of(f"{ws_url(gw)}/other/audio") == 503
+        assert refused(gw, "over_capacity") == 1
+        # Silence on both channels: both are closed as idle.
+        await eventually(lambda: bot.audio.close_code == 4410 and bot.control.close_code == 4410, 5)
+        await eventually(lambda: gw.metrics.registry.get_sample_value(
+            "meetstream_gateway_connections_closed_total", {"channel": "audio", "reason": "idle"}) == 1)
+        await bot.close()
+        await asyncio.sleep(0)
