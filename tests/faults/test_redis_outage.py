@@ -71,7 +71,10 @@ async def _run(redis_server, *gateway_args: str, down_at=1.0, up_at=2.5, seconds
 
             stored, dropped = await eventually(settled, 20, 0.2)
             entries = await client.xlen(audio_key)
-            status, _ = await asyncio.to_thread(gw.http_get, "/readyz")
+            # Readiness comes back by itself (the health check runs every 2 s).
+            status = await eventually(
+                lambda: asyncio.to_thread(lambda: gw.http_get("/readyz")[0] == 200 and 200), 10, 0.2
+            )
         finally:
             await client.aclose()
         await bot.close()
