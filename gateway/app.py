@@ -106,7 +106,9 @@ class Gateway:
             logger=logging.getLogger("websockets.server"),
         )
         if settings.metrics_port:
-            self.probes = ProbeServer(settings.metrics_host, settings.metrics_port, self.metrics.registry, self.is_ready)
+            self.probes = ProbeServer(
+                settings.metrics_host, settings.metrics_port, self.metrics.registry, self.is_ready
+            )
             await self.probes.start()
         self._tasks = [
             asyncio.create_task(self._watch_redis(), name="redis-health"),
@@ -153,7 +155,8 @@ class Gateway:
         remaining = len(self.bots.registry)
         log.info("draining", extra={"bots": remaining, "drain_timeout_s": timeout_s})
         deadline = time.monotonic() + timeout_s
-        while len(self.bots.registry) and time.monotonic() < deadline:
+        # Polled: a once-per-shutdown wait does not warrant an event on every disconnect.
+        while len(self.bots.registry) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         log.info("drain finished", extra={"bots_left": len(self.bots.registry)})
 

@@ -194,12 +194,16 @@ class BotServer:
             raise _CloseWith(CLOSE_FORBIDDEN, "wrong_bot", "token is bound to another bot")
         keys = self.keyspace.bot(bot_id)
         conn.bot_id = bot_id
-        session, created, replaced = self.registry.attach(keys, conn)
+        _session, created, replaced = self.registry.attach(keys, conn)
         self.metrics.bots.set(len(self.registry))
         if created:
             self.publisher.expire(self._expiring(keys), self.settings.key_ttl_s)
         self.publisher.event(
-            keys, "connected", conn.channel, conn=conn.conn_id, gateway=self.settings.gateway_id,
+            keys,
+            "connected",
+            conn.channel,
+            conn=conn.conn_id,
+            gateway=self.settings.gateway_id,
             **keys.as_fields(),
         )
         log.info(
@@ -224,7 +228,12 @@ class BotServer:
         self.metrics.bots.set(len(self.registry))
         code = conn.ws.close_code if conn.ws.close_code is not None else 1006
         self.publisher.event(
-            keys, "disconnected", conn.channel, conn=conn.conn_id, code=code, reason=conn.ws.close_reason or ""
+            keys,
+            "disconnected",
+            conn.channel,
+            conn=conn.conn_id,
+            code=code,
+            reason=conn.ws.close_reason or "",
         )
         log.info(
             "bot disconnected",
@@ -334,10 +343,9 @@ class BotServer:
             self._drop(conn, exc.reason)
             return None
         if is_legacy_chunk(obj):
-            if conn.bot_id is None:
-                if route.bot_id is None:
-                    self._drop(conn, "before_handshake")
-                    return None
+            if conn.bot_id is None and route.bot_id is None:
+                self._drop(conn, "before_handshake")
+                return None
             try:
                 return parse_legacy_chunk(obj)
             except FrameError as exc:
@@ -425,7 +433,10 @@ class BotServer:
         for entry_id, fields in entries:
             try:
                 command = parse_command(
-                    fields, bot_id, entry_id=entry_id, max_bytes=self.settings.command_max_bytes,
+                    fields,
+                    bot_id,
+                    entry_id=entry_id,
+                    max_bytes=self.settings.command_max_bytes,
                     max_image_bytes=self.settings.image_max_bytes,
                 )
                 self._check_age(command, now_ms)
@@ -446,7 +457,8 @@ class BotServer:
         age_ms = now_ms - entry_time_ms(command.entry_id)
         if age_ms > self._max_age_ms:
             raise CommandRejected(
-                "expired", f"written {age_ms / 1000:.1f}s ago, max age {self.settings.command_max_age_s}s",
+                "expired",
+                f"written {age_ms / 1000:.1f}s ago, max age {self.settings.command_max_age_s}s",
                 command.name,
             )
 
@@ -457,8 +469,13 @@ class BotServer:
             extra={"bot_id": keys.bot_id, "entry_id": entry_id, "reason": exc.reason, "detail": exc.detail},
         )
         self.publisher.event(
-            keys, "command_rejected", "control", reason=exc.reason, detail=exc.detail,
-            entry_id=entry_id, command=exc.command,
+            keys,
+            "command_rejected",
+            "control",
+            reason=exc.reason,
+            detail=exc.detail,
+            entry_id=entry_id,
+            command=exc.command,
         )
         self.publisher.ack(keys.commands, COMMAND_GROUP, (entry_id,))
 
@@ -520,7 +537,8 @@ class BotServer:
         age_ms = self.backend.now_ms() - entry_time_ms(out.entry_id)
         if age_ms > self._max_age_ms:
             raise CommandRejected(
-                "expired", f"written {age_ms / 1000:.1f}s ago, max age {self.settings.command_max_age_s}s",
+                "expired",
+                f"written {age_ms / 1000:.1f}s ago, max age {self.settings.command_max_age_s}s",
                 out.name,
             )
 
@@ -573,14 +591,17 @@ class BotServer:
             return
         prev_gateway, _, prev_conn = previous.decode().partition("/")
         if prev_gateway != self.settings.gateway_id:
-            log.info("taking bot over from another gateway", extra={"bot_id": keys.bot_id, "from": prev_gateway})
+            log.info(
+                "taking bot over from another gateway", extra={"bot_id": keys.bot_id, "from": prev_gateway}
+            )
             try:
                 await self.reader.signal(
                     prev_gateway, keys, evict=keys.bot_id, conn=prev_conn, by=self.settings.gateway_id
                 )
             except RedisError as exc:
-                log.warning("could not signal the previous owner", extra={"bot_id": keys.bot_id,
-                                                                            "error": repr(exc)})
+                log.warning(
+                    "could not signal the previous owner", extra={"bot_id": keys.bot_id, "error": repr(exc)}
+                )
 
     def _evicted(self, bot_id: str, conn_id: str, by: str) -> None:
         """Another gateway took this bot over: close our (probably half-open) control socket."""

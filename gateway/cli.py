@@ -1,8 +1,8 @@
 """``meetstream-gateway``: run the gateway, or print a bot's key names.
 
-    meetstream-gateway [run] [--flags]     serve bots (the default)
-    meetstream-gateway keys BOT_ID         the Redis keys of a bot, as JSON
-    meetstream-gateway token [--bot-id B]  mint a bot connection token (needs MEETSTREAM_AUTH_SECRET)
+meetstream-gateway [run] [--flags]     serve bots (the default)
+meetstream-gateway keys BOT_ID         the Redis keys of a bot, as JSON
+meetstream-gateway token [--bot-id B]  mint a bot connection token (needs MEETSTREAM_AUTH_SECRET)
 """
 
 from __future__ import annotations
@@ -82,8 +82,17 @@ def _keys(ns: argparse.Namespace) -> int:
     shards = ns.command_shards or int(os.environ.get("MEETSTREAM_COMMAND_SHARDS", "16"))
     space = KeySpace(prefix, shards)
     keys = space.bot(validate_bot_id(ns.bot_id))
-    print(json.dumps({"bot_id": keys.bot_id, **keys.as_fields(), "global_events_key": space.global_events,
-                      "shard": keys.shard}, indent=2))
+    print(
+        json.dumps(
+            {
+                "bot_id": keys.bot_id,
+                **keys.as_fields(),
+                "global_events_key": space.global_events,
+                "shard": keys.shard,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -185,7 +185,9 @@ class CommandReader:
             await self.backend.client.xadd(group.wake_key, {b"w": b"1"}, maxlen=1, approximate=False)
         except RedisError as exc:
             # The read loop comes round within command_block_ms anyway.
-            log.warning("could not wake command reader", extra={"slot": group.slot, "error": type(exc).__name__})
+            log.warning(
+                "could not wake command reader", extra={"slot": group.slot, "error": type(exc).__name__}
+            )
 
     async def _open(self, group: _Group, socket_timeout_s: float) -> Any:
         conn = await self.backend.dedicated(group.wake_key, socket_timeout_s)
@@ -229,7 +231,11 @@ class CommandReader:
                     # Cancelling here could lose nothing but this connection: it is ours
                     # alone and is closed in the finally below, never pooled.
                     reply = await conn.xreadgroup(
-                        COMMAND_GROUP, self.consumer, streams, count=self.settings.command_read_count, block=block_ms
+                        COMMAND_GROUP,
+                        self.consumer,
+                        streams,
+                        count=self.settings.command_read_count,
+                        block=block_ms,
                     )
                 except ResponseError as exc:
                     if "NOGROUP" in str(exc):
@@ -298,7 +304,9 @@ class CommandReader:
         for _, fields in entries:
             if b"evict" in fields and self.evict is not None:
                 self.evict(
-                    fields[b"evict"].decode(), fields.get(b"conn", b"").decode(), fields.get(b"by", b"").decode()
+                    fields[b"evict"].decode(),
+                    fields.get(b"conn", b"").decode(),
+                    fields.get(b"by", b"").decode(),
                 )
             elif b"reclaim" in fields:
                 task = asyncio.create_task(self._reclaim(fields[b"reclaim"].decode()))
@@ -316,8 +324,10 @@ class CommandReader:
             log.warning("reclaim failed", extra={"bot_id": bot_id, "error": repr(exc)})
             return
         if pending and bot_id in self._bots:
-            log.info("delivering commands left by the previous owner", extra={"bot_id": bot_id,
-                                                                              "count": len(pending)})
+            log.info(
+                "delivering commands left by the previous owner",
+                extra={"bot_id": bot_id, "count": len(pending)},
+            )
             self.deliver(bot_id, pending)
 
     @staticmethod
@@ -325,7 +335,9 @@ class CommandReader:
         if not reply:
             return []
         if isinstance(reply, dict):  # RESP3
-            return [(k, v[0] if v and isinstance(v[0], list) and len(v) == 1 else v) for k, v in reply.items()]
+            return [
+                (k, v[0] if v and isinstance(v[0], list) and len(v) == 1 else v) for k, v in reply.items()
+            ]
         return [(item[0], item[1]) for item in reply]
 
     async def stop(self) -> None:

@@ -212,9 +212,7 @@ def validate_command(raw: dict[str, Any], bot_id: str, *, max_image_bytes: int =
     name = raw.get("command")
     if not isinstance(name, str) or name not in SPECS:
         shown = name if isinstance(name, str) else type(name).__name__
-        raise CommandRejected(
-            "unknown_command", f"command {shown!r} is not one of {', '.join(COMMANDS)}"
-        )
+        raise CommandRejected("unknown_command", f"command {shown!r} is not one of {', '.join(COMMANDS)}")
     spec = SPECS[name]
     claimed = raw.get("bot_id", bot_id)
     if claimed != bot_id:

@@ -148,7 +148,8 @@ class Metrics:
             f"{NS}_playback_audio_sent_seconds_total", "Audio sent to bots, seconds of playback", registry=r
         )
         self.playback_audio_held = Gauge(
-            f"{NS}_playback_audio_held_seconds", "Audio accepted from workers and not yet sent, all bots",
+            f"{NS}_playback_audio_held_seconds",
+            "Audio accepted from workers and not yet sent, all bots",
             registry=r,
         )
         self.playback_audio_cut = Counter(
@@ -178,7 +179,8 @@ class Metrics:
             registry=r,
         )
         self.chat_coalesced = Counter(
-            f"{NS}_chat_interims_coalesced_total", "Interim sendchat updates replaced by a newer one unsent",
+            f"{NS}_chat_interims_coalesced_total",
+            "Interim sendchat updates replaced by a newer one unsent",
             registry=r,
         )
         self._preinit()

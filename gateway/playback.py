@@ -190,7 +190,8 @@ class PlaybackScheduler:
             )
         if self.held_entries >= cfg.max_entries:
             raise CommandRejected(
-                "queue_full", f"{self.held_entries} sendaudio entries held, the limit is {cfg.max_entries}",
+                "queue_full",
+                f"{self.held_entries} sendaudio entries held, the limit is {cfg.max_entries}",
                 "sendaudio",
             )
         last = self._utterances[-1] if self._utterances else None
@@ -227,8 +228,11 @@ class PlaybackScheduler:
                 PlaybackEvent(
                     "playback_interrupted",
                     {
-                        **u.fields(), "reason": reason, "played_ms": _ms(played),
-                        "dropped_ms": _ms(u.total - played), "sent_ms": _ms(u.sent),
+                        **u.fields(),
+                        "reason": reason,
+                        "played_ms": _ms(played),
+                        "dropped_ms": _ms(u.total - played),
+                        "sent_ms": _ms(u.sent),
                         "duration_ms": _ms(u.total),
                     },
                 )

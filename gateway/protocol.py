@@ -34,7 +34,7 @@ FRAME_ERRORS = ("too_short", "bad_marker", "truncated", "bad_utf8", "odd_pcm", "
 # bot_id goes into Redis key names and log lines: keep it to a safe alphabet, and
 # never allow the braces that would change a key's Cluster hash tag.
 BOT_ID_MAX_LEN = 128
-_BOT_ID_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,%d}" % BOT_ID_MAX_LEN)
+_BOT_ID_RE = re.compile(rf"[A-Za-z0-9_.:@-]{{1,{BOT_ID_MAX_LEN}}}")
 
 
 @dataclass(frozen=True, slots=True)

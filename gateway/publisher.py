@@ -95,10 +95,26 @@ class Publisher:
     def audio(self, keys: BotKeys, frame: AudioFrame, seq: int, conn_id: str) -> None:
         size = len(frame.pcm)
         args = (
-            "XADD", keys.audio, b"MAXLEN", b"~", self._maxlen_audio, b"*",
-            b"speaker_id", frame.speaker_id, b"speaker_name", frame.speaker_name,
-            b"pcm", frame.pcm, b"sample_rate", _SR, b"seq", seq, b"conn", conn_id,
-            b"ts", now_ms(),
+            "XADD",
+            keys.audio,
+            b"MAXLEN",
+            b"~",
+            self._maxlen_audio,
+            b"*",
+            b"speaker_id",
+            frame.speaker_id,
+            b"speaker_name",
+            frame.speaker_name,
+            b"pcm",
+            frame.pcm,
+            b"sample_rate",
+            _SR,
+            b"seq",
+            seq,
+            b"conn",
+            conn_id,
+            b"ts",
+            now_ms(),
         )
         self._seq += 1
         self._audio.append(_Op(self._seq, "audio", args, size))
@@ -267,10 +283,15 @@ class Publisher:
                 self.metrics.redis_errors.labels("publish").inc()
                 if op.kind == "audio":
                     self.metrics.dropped.labels("redis_error").inc()
-                log.error("redis refused a write", extra={"kind": op.kind, "key": str(op.args[1]), "error": str(result)})
+                log.error(
+                    "redis refused a write",
+                    extra={"kind": op.kind, "key": str(op.args[1]), "error": str(result)},
+                )
             elif op.kind == "ack" and result == -1:
                 self.metrics.acks_refused.inc()
-                log.info("ack refused: the bot is owned by another connection now", extra={"key": str(op.args[3])})
+                log.info(
+                    "ack refused: the bot is owned by another connection now", extra={"key": str(op.args[3])}
+                )
             elif op.kind == "audio":
                 audio += 1
                 audio_bytes += op.size

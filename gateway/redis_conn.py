@@ -68,7 +68,9 @@ class RedisBackend:
 
 
 async def _detect_cluster(url: str) -> bool:
-    probe = aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=CONNECT_TIMEOUT_S)
+    probe = aioredis.Redis.from_url(
+        url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=CONNECT_TIMEOUT_S
+    )
     try:
         info = await probe.info("cluster")
         return bool(info.get("cluster_enabled"))

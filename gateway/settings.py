@@ -49,12 +49,18 @@ class Settings:
     auth_secret: str = _opt(
         "", "HMAC secret(s) for bot tokens, comma-separated (first signs); empty disables auth", secret=True
     )
-    control_max_message_bytes: int = _opt(64 << 10, "Largest control-channel message; larger ones are dropped")
+    control_max_message_bytes: int = _opt(
+        64 << 10, "Largest control-channel message; larger ones are dropped"
+    )
     max_frames_per_s: float = _opt(250.0, "Messages per second a connection may send; the excess is dropped")
     max_connections: int = _opt(20_000, "Bot connections per replica; beyond it new ones get HTTP 503")
-    idle_timeout_s: float = _opt(0.0, "Close a connection silent this long (0: off; pings already catch dead peers)")
+    idle_timeout_s: float = _opt(
+        0.0, "Close a connection silent this long (0: off; pings already catch dead peers)"
+    )
     send_timeout_s: float = _opt(10.0, "Close a bot that does not take a command within this time")
-    ws_close_timeout_s: float = _opt(5.0, "Wait this long for a bot to answer a close, then drop the TCP connection")
+    ws_close_timeout_s: float = _opt(
+        5.0, "Wait this long for a bot to answer a close, then drop the TCP connection"
+    )
     # Metrics and probes
     metrics_host: str = _opt("0.0.0.0", "Address of the metrics and probe HTTP server")
     metrics_port: int = _opt(9108, "Port of /metrics, /healthz and /readyz (0 disables)")
@@ -71,7 +77,9 @@ class Settings:
     global_events_maxlen: int = _opt(100_000, "Approximate MAXLEN of the global lifecycle stream")
     key_ttl_s: int = _opt(3600, "Expiry of a bot's keys once it has left (refreshed while it is here)")
     # Commands
-    command_max_age_s: float = _opt(30.0, "Commands older than this when they could be sent are rejected as expired")
+    command_max_age_s: float = _opt(
+        30.0, "Commands older than this when they could be sent are rejected as expired"
+    )
     command_max_bytes: int = _opt(16 << 20, "Largest command entry accepted")
     command_block_ms: int = _opt(2000, "BLOCK of the command stream reads")
     command_read_count: int = _opt(64, "Entries read per stream and round trip")
@@ -79,11 +87,15 @@ class Settings:
     image_max_bytes: int = _opt(2 << 20, "Largest sendimg image (decoded bytes); larger ones are rejected")
     # Audio playback (see docs/PLAYBACK.md)
     playback_chunk_ms: int = _opt(100, "Audio is sent to bots in chunks of this length")
-    playback_lead_ms: int = _opt(300, "Most audio queued at a bot ahead of playback (heard after an interrupt)")
+    playback_lead_ms: int = _opt(
+        300, "Most audio queued at a bot ahead of playback (heard after an interrupt)"
+    )
     playback_max_held_s: float = _opt(120.0, "Audio held per bot awaiting playback; more is rejected")
     playback_max_entries: int = _opt(1024, "sendaudio entries held per bot; more are rejected")
     # Publishing
-    publish_buffer_bytes: int = _opt(64 << 20, "Audio and events held for Redis; beyond it the oldest audio is dropped")
+    publish_buffer_bytes: int = _opt(
+        64 << 20, "Audio and events held for Redis; beyond it the oldest audio is dropped"
+    )
     publish_batch_max: int = _opt(2000, "Most stream entries sent in one pipeline")
     # Logging and identity
     log_level: LogLevel = _opt("info", "Log level")
@@ -96,11 +108,23 @@ class Settings:
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be 0-65535")
         for name in (
-            "ws_max_message_bytes", "command_shards", "audio_maxlen", "events_maxlen",
-            "global_events_maxlen", "key_ttl_s", "command_max_bytes", "command_block_ms",
-            "command_read_count", "outbox_max_commands", "publish_buffer_bytes",
-            "publish_batch_max", "redis_max_connections", "control_max_message_bytes", "max_frames_per_s",
-            "max_connections", "send_timeout_s",
+            "ws_max_message_bytes",
+            "command_shards",
+            "audio_maxlen",
+            "events_maxlen",
+            "global_events_maxlen",
+            "key_ttl_s",
+            "command_max_bytes",
+            "command_block_ms",
+            "command_read_count",
+            "outbox_max_commands",
+            "publish_buffer_bytes",
+            "publish_batch_max",
+            "redis_max_connections",
+            "control_max_message_bytes",
+            "max_frames_per_s",
+            "max_connections",
+            "send_timeout_s",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
@@ -194,7 +218,11 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
             type=_base_type(kind),
             choices=choices,
             default=None,
-            metavar=None if choices else f.name.rsplit("_", 1)[-1].upper() if f.name.endswith(("_s", "_ms", "_bytes")) else "VALUE",
+            metavar=None
+            if choices
+            else f.name.rsplit("_", 1)[-1].upper()
+            if f.name.endswith(("_s", "_ms", "_bytes"))
+            else "VALUE",
             help=f"{f.metadata['help']} (env {env_name(f.name)}; default {f.default!r})",
         )
 

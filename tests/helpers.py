@@ -10,7 +10,9 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-async def eventually(check: Callable[[], Awaitable[T] | T], timeout_s: float = 10.0, interval_s: float = 0.02) -> T:
+async def eventually(
+    check: Callable[[], Awaitable[T] | T], timeout_s: float = 10.0, interval_s: float = 0.02
+) -> T:
     """Poll ``check`` until it returns a truthy value; fail with its last value after the timeout."""
     deadline = time.monotonic() + timeout_s
     last: Any = None

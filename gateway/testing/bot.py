@@ -103,9 +103,7 @@ class PlaybackModel:
 
     def queued_s(self, at: float) -> float:
         """Audio waiting at the bot at ``at`` (received, not yet played)."""
-        return sum(
-            max(0.0, c.end - max(at, c.start)) for c in self.chunks if c.arrived <= at
-        )
+        return sum(max(0.0, c.end - max(at, c.start)) for c in self.chunks if c.arrived <= at)
 
     def heard_after_s(self, at: float) -> float:
         """Seconds of audio the meeting hears after ``at``."""
@@ -215,7 +213,9 @@ class SimulatedBot:
         sent = 0
         for i in range(n_frames):
             for spk in speakers:
-                await self.send_frame(AudioFrame(spk.speaker_id, spk.name, tone(spk.freq_hz, samples, i * samples)))
+                await self.send_frame(
+                    AudioFrame(spk.speaker_id, spk.name, tone(spk.freq_hz, samples, i * samples))
+                )
                 sent += 1
             if realtime:
                 delay = start + (i + 1) * frame_ms / 1000 - time.monotonic()
@@ -262,11 +262,15 @@ class SimulatedBot:
 
 async def _main(args: argparse.Namespace) -> None:
     speakers = [Speaker(f"spk-{i}", name, 180.0 + 90 * i) for i, name in enumerate(args.speaker)]
-    bots = [SimulatedBot(args.url, f"{args.bot_id}-{n}" if args.bots > 1 else args.bot_id, record_sent=False)
-            for n in range(args.bots)]
+    bots = [
+        SimulatedBot(args.url, f"{args.bot_id}-{n}" if args.bots > 1 else args.bot_id, record_sent=False)
+        for n in range(args.bots)
+    ]
     for bot in bots:
-        bot.on_command = lambda item, b=bot: print(f"[{b.bot_id}] command {item.command.get('command')}: "
-                                                   f"{json.dumps(item.command)[:120]}", flush=True)
+        bot.on_command = lambda item, b=bot: print(
+            f"[{b.bot_id}] command {item.command.get('command')}: {json.dumps(item.command)[:120]}",
+            flush=True,
+        )
         await bot.connect()
     try:
         await asyncio.gather(*(b.stream_speech(speakers, args.seconds, args.frame_ms) for b in bots))

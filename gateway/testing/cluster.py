@@ -26,9 +26,18 @@ class RedisClusterProcesses:
                 server.start()
             addrs = [f"127.0.0.1:{s.port}" for s in self.servers]
             subprocess.run(
-                [find_redis_binary("redis-cli"), "--cluster", "create", *addrs,
-                 "--cluster-replicas", "0", "--cluster-yes"],
-                check=True, capture_output=True, timeout=timeout_s,
+                [
+                    find_redis_binary("redis-cli"),
+                    "--cluster",
+                    "create",
+                    *addrs,
+                    "--cluster-replicas",
+                    "0",
+                    "--cluster-yes",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=timeout_s,
             )
             self._wait_ok(timeout_s)
         except BaseException:

@@ -41,10 +41,28 @@ class GatewayProcess:
 
     def start(self, timeout_s: float = 20.0) -> GatewayProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "run", "--host", "127.0.0.1", "--port", str(self.port),
-             "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
-             "--redis-url", self.redis_url, *self.args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env,
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "run",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--metrics-host",
+                "127.0.0.1",
+                "--metrics-port",
+                str(self.metrics_port),
+                "--redis-url",
+                self.redis_url,
+                *self.args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env,
         )
         self._log_thread = threading.Thread(target=self._read_logs, daemon=True)
         self._log_thread.start()

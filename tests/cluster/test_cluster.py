@@ -32,11 +32,15 @@ async def test_bots_across_slots_audio_and_commands_without_crossslot(cluster):
             for bot in bots:
                 await bot.connect()
             for bot in bots:
-                await bot.stream_speech([Speaker("s1", "Ada"), Speaker("s2", "Grace", 330)], 0.3, realtime=False)
+                await bot.stream_speech(
+                    [Speaker("s1", "Ada"), Speaker("s2", "Grace", 330)], 0.3, realtime=False
+                )
             for bot in bots:
                 keys = gw.keyspace.bot(bot.bot_id)
                 for n in range(3):
-                    await client.xadd(keys.commands, {"json": json.dumps({"command": "sendmsg", "message": f"{n}"})})
+                    await client.xadd(
+                        keys.commands, {"json": json.dumps({"command": "sendmsg", "message": f"{n}"})}
+                    )
             for bot in bots:
                 await bot.wait_commands(3, timeout=15)
                 assert [c["message"] for c in bot.commands()] == ["0", "1", "2"]

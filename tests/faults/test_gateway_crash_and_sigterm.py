@@ -36,7 +36,9 @@ async def test_killed_replica_commands_are_delivered_by_the_next(durable_redis):
 
         async def worker():
             for i in range(60):
-                await client.xadd(keys.commands, {"json": json.dumps({"command": "sendmsg", "message": str(i)})})
+                await client.xadd(
+                    keys.commands, {"json": json.dumps({"command": "sendmsg", "message": str(i)})}
+                )
                 written.append(str(i))
                 await asyncio.sleep(0.05)
 
@@ -52,8 +54,13 @@ async def test_killed_replica_commands_are_delivered_by_the_next(durable_redis):
         await eventually(lambda: {c["message"] for c in bot.commands()} >= set(written), 15)
         received = [c["message"] for c in bot.commands()]
         duplicates = len(received) - len(set(received))
-        report("gateway SIGKILL", written=len(written), received=len(received), unique=len(set(received)),
-               duplicates=duplicates)
+        report(
+            "gateway SIGKILL",
+            written=len(written),
+            received=len(received),
+            unique=len(set(received)),
+            duplicates=duplicates,
+        )
         assert set(received) == set(written)
         assert received[-1] == written[-1]
         b_part = _ordered_tail(received)
@@ -117,6 +124,7 @@ async def test_sigterm_drains_then_closes_with_1012_and_flushes(durable_redis):
     await client.aclose()
     stored = {int(f[b"seq"]) for _, f in entries}
     report("SIGTERM drain", sent=sent, stored=len(stored), sent_during_drain=sent - sent_at_sigterm)
-    # A frame still in flight when the socket closed may not have reached the gateway; all it took is in Redis.
+    # A frame in flight when the socket closed may not have reached the gateway;
+    # every frame it took is in Redis.
     assert stored == set(range(len(stored)))
     assert sent - 2 <= len(stored) <= sent

@@ -55,7 +55,7 @@ async def _run(redis_server, *gateway_args: str, down_at=1.0, up_at=2.5, seconds
         client = aioredis.Redis.from_url(redis_server.url)
         try:
             # Command delivery resumed too.
-            cmd_key = json.loads((await asyncio.to_thread(_keys, "bot_outage")))["commands_key"]
+            cmd_key = json.loads(await asyncio.to_thread(_keys, "bot_outage"))["commands_key"]
             await client.xadd(cmd_key, {"json": '{"command":"sendmsg","message":"after the outage"}'})
             got = await bot.next_command(timeout=20, after=0)
             assert got["message"] == "after the outage"
@@ -65,8 +65,11 @@ async def _run(redis_server, *gateway_args: str, down_at=1.0, up_at=2.5, seconds
             async def settled():
                 stored = {int(f[b"seq"]) for _, f in await client.xrange(audio_key)}
                 dropped = await asyncio.to_thread(
-                    lambda: gw.sample(dropped_metric, reason="buffer_full") + gw.sample(dropped_metric,
-                                                                                        reason="redis_error"))
+                    lambda: (
+                        gw.sample(dropped_metric, reason="buffer_full")
+                        + gw.sample(dropped_metric, reason="redis_error")
+                    )
+                )
                 return (stored, dropped) if len(stored) + dropped >= sent else None
 
             stored, dropped = await eventually(settled, 20, 0.2)
@@ -86,14 +89,21 @@ def _keys(bot_id: str) -> str:
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "gateway.cli", "keys", bot_id], capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "keys", bot_id], capture_output=True, text=True, check=True
+    ).stdout
 
 
 async def test_redis_restart_loses_nothing_within_the_budget(durable_redis):
     sent, stored, dropped, entries, seen, status = await _run(durable_redis, "--audio-maxlen", "100000")
-    report("redis restart, default budget", sent=sent, stored_unique=len(stored), stored_entries=entries,
-           dropped=dropped, readyz_during_outage=sorted(seen["readyz"]))
+    report(
+        "redis restart, default budget",
+        sent=sent,
+        stored_unique=len(stored),
+        stored_entries=entries,
+        dropped=dropped,
+        readyz_during_outage=sorted(seen["readyz"]),
+    )
     assert 503 in seen["readyz"]
     assert status == 200
     assert dropped == 0
@@ -103,11 +113,16 @@ async def test_redis_restart_loses_nothing_within_the_budget(durable_redis):
 
 async def test_redis_outage_past_the_budget_drops_oldest_and_counts_every_frame(durable_redis):
     # 64 KiB holds ~34 frames of 1,920 bytes: a 1.5 s outage at 100 frames/s overflows it.
-    sent, stored, dropped, entries, seen, _ = await _run(
+    sent, stored, dropped, entries, _seen, _ = await _run(
         durable_redis, "--audio-maxlen", "100000", "--publish-buffer-bytes", "65536"
     )
-    report("redis outage over budget", sent=sent, stored_unique=len(stored), stored_entries=entries,
-           dropped=dropped)
+    report(
+        "redis outage over budget",
+        sent=sent,
+        stored_unique=len(stored),
+        stored_entries=entries,
+        dropped=dropped,
+    )
     assert dropped > 50
     assert len(stored) + dropped == sent
     missing = sorted(set(range(sent)) - stored)

@@ -22,7 +22,9 @@ SECRET = "test-secret-0123456789"
 
 
 def refused(gw, reason):
-    return gw.metrics.registry.get_sample_value("meetstream_gateway_connections_refused_total", {"reason": reason})
+    return gw.metrics.registry.get_sample_value(
+        "meetstream_gateway_connections_refused_total", {"reason": reason}
+    )
 
 
 async def status_of(url, **kwargs):
@@ -40,16 +42,23 @@ async def test_tokens_gate_the_upgrade(redis_url):
         assert await status_of(f"{base}/bot_1/audio?token={mint('wrong', 60, 'bot_1')}") == 401
         assert await status_of(f"{base}/bot_1/audio?token={mint(SECRET, -5, 'bot_1')}") == 401
         assert await status_of(f"{base}/bot_1/audio?token={mint(SECRET, 60, 'bot_2')}") == 403
-        assert [refused(gw, r) for r in ("missing", "malformed", "bad_signature", "expired", "wrong_bot")] == [1] * 5
+        assert [
+            refused(gw, r) for r in ("missing", "malformed", "bad_signature", "expired", "wrong_bot")
+        ] == [1] * 5
         # A token signed with the old secret still works during rotation; so does the header.
         bot = SimulatedBot(base, "bot_1", query=f"token={mint(SECRET, 60, 'bot_1')}")
         await bot.connect()
-        async with connect(f"{base}/bot_1/audio",
-                           additional_headers={"Authorization": f"Bearer {mint(SECRET, 60, 'bot_1')}"}) as ws:
+        async with connect(
+            f"{base}/bot_1/audio", additional_headers={"Authorization": f"Bearer {mint(SECRET, 60, 'bot_1')}"}
+        ) as ws:
             await ws.send(json.dumps(bot.handshake()))
         await bot.close()
-        assert gw.metrics.registry.get_sample_value(
-            "meetstream_gateway_connections_opened_total", {"channel": "audio"}) == 2
+        assert (
+            gw.metrics.registry.get_sample_value(
+                "meetstream_gateway_connections_opened_total", {"channel": "audio"}
+            )
+            == 2
+        )
 
 
 async def test_bound_token_on_bare_path_is_checked_at_handshake(redis_url):
@@ -99,8 +108,11 @@ async def test_rate_limit_drops_the_excess_and_counts_it(redis_url, redis_client
         for _ in range(100):
             await bot.send_frame(frame)
         keys = gw.keyspace.bot("bot_flood")
-        dropped = await eventually(lambda: gw.metrics.registry.get_sample_value(
-            "meetstream_gateway_frames_dropped_total", {"reason": "rate_limited"}))
+        dropped = await eventually(
+            lambda: gw.metrics.registry.get_sample_value(
+                "meetstream_gateway_frames_dropped_total", {"reason": "rate_limited"}
+            )
+        )
         await gw.publisher.flush(5)
         stored = await redis_client.xlen(keys.audio)
         # Every frame is either stored or counted as dropped (the handshake came first and passed).
@@ -110,15 +122,23 @@ async def test_rate_limit_drops_the_excess_and_counts_it(redis_url, redis_client
 
 
 async def test_oversized_messages(redis_url):
-    async with running_gateway(redis_url, control_max_message_bytes=1000, ws_max_message_bytes=100_000) as gw:
-        async with SimulatedBot(ws_url(gw), "bot_big") as bot:
-            await bot.control.send(json.dumps({"type": "note", "blob": "x" * 2000}))
-            await eventually(lambda: gw.metrics.registry.get_sample_value(
-                "meetstream_gateway_frames_dropped_total", {"reason": "too_large"}) == 1)
-            # Past the hard cap, the WebSocket layer closes with 1009.
-            await bot.audio.send(b"\x01" + b"\x00" * 200_000)
-            await eventually(lambda: bot.audio.close_code == 1009, 5)
-            assert bot.control.close_code is None  # the control channel is untouched
+    async with (
+        running_gateway(redis_url, control_max_message_bytes=1000, ws_max_message_bytes=100_000) as gw,
+        SimulatedBot(ws_url(gw), "bot_big") as bot,
+    ):
+        await bot.control.send(json.dumps({"type": "note", "blob": "x" * 2000}))
+        await eventually(
+            lambda: (
+                gw.metrics.registry.get_sample_value(
+                    "meetstream_gateway_frames_dropped_total", {"reason": "too_large"}
+                )
+                == 1
+            )
+        )
+        # Past the hard cap, the WebSocket layer closes with 1009.
+        await bot.audio.send(b"\x01" + b"\x00" * 200_000)
+        await eventually(lambda: bot.audio.close_code == 1009, 5)
+        assert bot.control.close_code is None  # the control channel is untouched
 
 
 async def test_connection_cap_and_idle_timeout(redis_url):
@@ -129,7 +149,13 @@ async def test_connection_cap_and_idle_timeout(redis_url):
         assert refused(gw, "over_capacity") == 1
         # Silence on both channels: both are closed as idle.
         await eventually(lambda: bot.audio.close_code == 4410 and bot.control.close_code == 4410, 5)
-        await eventually(lambda: gw.metrics.registry.get_sample_value(
-            "meetstream_gateway_connections_closed_total", {"channel": "audio", "reason": "idle"}) == 1)
+        await eventually(
+            lambda: (
+                gw.metrics.registry.get_sample_value(
+                    "meetstream_gateway_connections_closed_total", {"channel": "audio", "reason": "idle"}
+                )
+                == 1
+            )
+        )
         await bot.close()
         await asyncio.sleep(0)

@@ -46,14 +46,32 @@ async def test_console_script_runs_on_embedded_redis_and_stops_on_sigterm():
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEETSTREAM_")}
     metrics_port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "--host", "127.0.0.1", "--port", "0",
-         "--metrics-port", str(metrics_port), "--drain-timeout-s", "5"],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            str(metrics_port),
+            "--drain-timeout-s",
+            "5",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
     )
     try:
-        embedded, _ = await asyncio.to_thread(_read_logs_until, proc, lambda r: "embedded redis-server" in r["msg"])
+        embedded, _ = await asyncio.to_thread(
+            _read_logs_until, proc, lambda r: "embedded redis-server" in r["msg"]
+        )
         redis_port = int(embedded["redis_url"].rsplit(":", 1)[1].split("/")[0])
-        listening, _ = await asyncio.to_thread(_read_logs_until, proc, lambda r: r["msg"] == "gateway listening")
+        listening, _ = await asyncio.to_thread(
+            _read_logs_until, proc, lambda r: r["msg"] == "gateway listening"
+        )
         port = listening["port"]
         bot = SimulatedBot(f"ws://127.0.0.1:{port}", "cli_bot")
         await bot.connect()
@@ -61,8 +79,10 @@ async def test_console_script_runs_on_embedded_redis_and_stops_on_sigterm():
         import redis.asyncio as aioredis
 
         client = aioredis.Redis(port=redis_port)
-        await client.xadd("meetstream:{c%02d}:cli_bot:commands" % _shard("cli_bot"),
-                          {"json": '{"command":"sendmsg","message":"hi"}'})
+        await client.xadd(
+            f"meetstream:{{c{_shard('cli_bot'):02d}}}:cli_bot:commands",
+            {"json": '{"command":"sendmsg","message":"hi"}'},
+        )
         assert (await bot.next_command(timeout=10, after=0))["message"] == "hi"
         assert await client.xlen("meetstream:{cli_bot}:audio") == 3
         await client.aclose()

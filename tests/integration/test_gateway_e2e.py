@@ -43,7 +43,9 @@ async def test_two_speakers_every_frame_arrives_in_order_byte_identical(gateway,
         assert fields[b"sample_rate"] == b"48000"
         assert abs(int(fields[b"ts"]) - time.time() * 1000) < 60_000
     assert sample(gateway, "meetstream_gateway_audio_frames_received_total") == sent
-    await eventually(lambda: sample(gateway, "meetstream_gateway_stream_entries_published_total", kind="audio") == sent)
+    await eventually(
+        lambda: sample(gateway, "meetstream_gateway_stream_entries_published_total", kind="audio") == sent
+    )
 
 
 async def _xlen_is(client, key, n):
@@ -52,24 +54,47 @@ async def _xlen_is(client, key, n):
 
 async def test_redis_cli_command_reaches_bot_as_vendor_json(gateway):
     async with SimulatedBot(ws_url(gateway), "bot_cli") as bot:
-        await eventually(lambda: gateway.bots.registry.get("bot_cli") and gateway.bots.registry.get("bot_cli").control.ready)
+        await eventually(
+            lambda: (
+                gateway.bots.registry.get("bot_cli") and gateway.bots.registry.get("bot_cli").control.ready
+            )
+        )
         keys = gateway.keyspace.bot("bot_cli")
         cli = find_redis_binary("redis-cli")
         port = gateway.redis_url.rsplit(":", 1)[1].split("/")[0]
         subprocess.run(
-            [cli, "-p", port, "XADD", keys.commands, "MAXLEN", "~", "1000", "*",
-             "json", '{"command":"sendmsg","message":"Hello from the bot!"}'],
-            check=True, capture_output=True, timeout=10,
+            [
+                cli,
+                "-p",
+                port,
+                "XADD",
+                keys.commands,
+                "MAXLEN",
+                "~",
+                "1000",
+                "*",
+                "json",
+                '{"command":"sendmsg","message":"Hello from the bot!"}',
+            ],
+            check=True,
+            capture_output=True,
+            timeout=10,
         )
         command = await bot.next_command(timeout=10, after=0)
-    assert command == {"command": "sendmsg", "bot_id": "bot_cli", "message": "Hello from the bot!",
-                       "msg": "Hello from the bot!"}
+    assert command == {
+        "command": "sendmsg",
+        "bot_id": "bot_cli",
+        "message": "Hello from the bot!",
+        "msg": "Hello from the bot!",
+    }
 
 
 async def test_bad_command_is_rejected_and_next_good_one_delivered(gateway, redis_client):
     async with SimulatedBot(ws_url(gateway), "bot_bad") as bot:
         keys = gateway.keyspace.bot("bot_bad")
-        bad_id = await redis_client.xadd(keys.commands, {"json": '{"command":"sendaudio","audiochunk":"AAAA"}'})
+        bad_id = await redis_client.xadd(
+            keys.commands, {"json": '{"command":"sendaudio","audiochunk":"AAAA"}'}
+        )
         good = {"command": "sendchat", "role": "assistant", "text": "ok", "is_final": True}
         await redis_client.xadd(keys.commands, {"json": json.dumps(good)})
         received = await bot.next_command(timeout=10, after=0)
@@ -80,7 +105,12 @@ async def test_bad_command_is_rejected_and_next_good_one_delivered(gateway, redi
     assert events[0]["entry_id"] == bad_id.decode()
     assert events[0]["command"] == "sendaudio"
     assert len(bot.received) == 1
-    assert sample(gateway, "meetstream_gateway_commands_rejected_total", command="sendaudio", reason="missing_field") == 1
+    assert (
+        sample(
+            gateway, "meetstream_gateway_commands_rejected_total", command="sendaudio", reason="missing_field"
+        )
+        == 1
+    )
     assert sample(gateway, "meetstream_gateway_commands_delivered_total", command="sendchat") == 1
     # Both entries are acknowledged: nothing stays pending for redelivery.
     await eventually(lambda: _pending(redis_client, keys.commands, 0))
@@ -99,7 +129,9 @@ async def test_commands_keep_stream_order(gateway, redis_client):
     async with SimulatedBot(ws_url(gateway), "bot_order") as bot:
         keys = gateway.keyspace.bot("bot_order")
         for i in range(200):
-            await redis_client.xadd(keys.commands, {"json": json.dumps({"command": "sendmsg", "message": str(i)})})
+            await redis_client.xadd(
+                keys.commands, {"json": json.dumps({"command": "sendmsg", "message": str(i)})}
+            )
         await bot.wait_commands(200, timeout=20)
     assert [c["message"] for c in bot.commands()] == [str(i) for i in range(200)]
 
@@ -123,7 +155,9 @@ async def test_channels_in_either_order_and_session_lives_until_both_are_gone(ga
     bot = SimulatedBot(ws_url(gateway), "bot_lc")
     await bot.connect_audio()  # audio first
     await bot.connect_control()
-    await eventually(lambda: gateway.bots.registry.get("bot_lc") and gateway.bots.registry.get("bot_lc").control)
+    await eventually(
+        lambda: gateway.bots.registry.get("bot_lc") and gateway.bots.registry.get("bot_lc").control
+    )
     await bot.audio.close(1000)
     await asyncio.sleep(0.2)
     assert gateway.bots.registry.get("bot_lc") is not None  # control still up
@@ -133,8 +167,15 @@ async def test_channels_in_either_order_and_session_lives_until_both_are_gone(ga
     await eventually(lambda: gateway.bots.registry.get("bot_lc") is None)
     await gateway.publisher.flush(5)
     types = [e["type"] for e in await events_of(redis_client, keys.events)]
-    assert types == ["connected", "audio_handshake", "connected", "ready", "disconnected", "disconnected",
-                     "session_ended"]
+    assert types == [
+        "connected",
+        "audio_handshake",
+        "connected",
+        "ready",
+        "disconnected",
+        "disconnected",
+        "session_ended",
+    ]
     lifecycle = await events_of(redis_client, gateway.keyspace.global_events)
     assert [e["type"] for e in lifecycle] == types  # no message/command_rejected here
     connected = lifecycle[0]
@@ -179,8 +220,17 @@ async def test_path_and_handshake_disagree_is_refused_with_4400(gateway):
             await ws.recv()
     assert closed.value.rcvd.code == 4400
     assert closed.value.rcvd.reason == "bot_id mismatch between path and handshake"
-    await eventually(lambda: sample(gateway, "meetstream_gateway_connections_closed_total", channel="control",
-                                    reason="bot_id_mismatch") == 1)
+    await eventually(
+        lambda: (
+            sample(
+                gateway,
+                "meetstream_gateway_connections_closed_total",
+                channel="control",
+                reason="bot_id_mismatch",
+            )
+            == 1
+        )
+    )
     await eventually(lambda: gateway.bots.registry.get("bot_a") is None)
 
 
@@ -195,7 +245,10 @@ async def test_unknown_path_gets_404_and_bad_bot_id_400s(gateway):
 
 
 async def test_silent_bare_connection_is_closed_after_handshake_timeout(redis_url):
-    async with running_gateway(redis_url, handshake_timeout_s=0.3) as gw, connect(f"{ws_url(gw)}/control") as ws:
+    async with (
+        running_gateway(redis_url, handshake_timeout_s=0.3) as gw,
+        connect(f"{ws_url(gw)}/control") as ws,
+    ):
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 5)
     assert closed.value.rcvd.code == 4408
@@ -204,8 +257,14 @@ async def test_silent_bare_connection_is_closed_after_handshake_timeout(redis_ur
 async def test_malformed_input_is_counted_and_never_closes_a_healthy_connection(gateway, redis_client):
     async with SimulatedBot(ws_url(gateway), "bot_mal") as bot:
         good = AudioFrame("s", "Ada", b"\x02\x00" * 100)
-        for junk in (b"", b"\x02abcdef", b"\x01\xff\x00ab", b"\x01\x02\x00\xff\xfe\x00\x00\x00\x00",
-                     b"\x01\x00\x00\x00\x00\x01", b"\x01\x00\x00\x00\x00"):
+        for junk in (
+            b"",
+            b"\x02abcdef",
+            b"\x01\xff\x00ab",
+            b"\x01\x02\x00\xff\xfe\x00\x00\x00\x00",
+            b"\x01\x00\x00\x00\x00\x01",
+            b"\x01\x00\x00\x00\x00",
+        ):
             await bot.audio.send(junk)
         await bot.audio.send("{not json")
         await bot.control.send(b"\x00binary on control")
@@ -219,8 +278,17 @@ async def test_malformed_input_is_counted_and_never_closes_a_healthy_connection(
         # Still connected and still served.
         await redis_client.xadd(keys.commands, {"json": '{"command":"sendmsg","message":"alive"}'})
         assert (await bot.next_command(timeout=10, after=0))["message"] == "alive"
-    for reason, n in (("too_short", 1), ("bad_marker", 1), ("truncated", 1), ("bad_utf8", 1), ("odd_pcm", 1), ("empty_pcm", 1),
-                      ("bad_json", 1), ("binary_on_control", 1), ("not_object", 1)):
+    for reason, n in (
+        ("too_short", 1),
+        ("bad_marker", 1),
+        ("truncated", 1),
+        ("bad_utf8", 1),
+        ("odd_pcm", 1),
+        ("empty_pcm", 1),
+        ("bad_json", 1),
+        ("binary_on_control", 1),
+        ("not_object", 1),
+    ):
         assert sample(gateway, "meetstream_gateway_frames_dropped_total", reason=reason) == n, reason
 
 
@@ -265,7 +333,9 @@ async def test_unacked_commands_are_redelivered_to_the_next_gateway(redis_url, r
         keys = gw.keyspace.bot("bot_crash")
         await redis_client.xgroup_create(keys.commands, "gateway", id="0", mkstream=True)
         for text in ("one", "two"):
-            await redis_client.xadd(keys.commands, {"json": json.dumps({"command": "sendmsg", "message": text})})
+            await redis_client.xadd(
+                keys.commands, {"json": json.dumps({"command": "sendmsg", "message": text})}
+            )
         await redis_client.xreadgroup("gateway", "dead-gateway", {keys.commands: ">"})
         await redis_client.xadd(keys.commands, {"json": '{"command":"sendmsg","message":"three"}'})
         async with SimulatedBot(ws_url(gw), "bot_crash") as bot:
@@ -282,11 +352,19 @@ async def test_redis_connections_do_not_grow_with_bots(gateway, redis_client):
     bots = [SimulatedBot(ws_url(gateway), f"bot-many-{i}", record_sent=False) for i in range(60)]
     for bot in bots:
         await bot.connect()
-    await eventually(lambda: all(gateway.bots.registry.get(b.bot_id) and gateway.bots.registry.get(b.bot_id).control
-                                 and gateway.bots.registry.get(b.bot_id).control.ready for b in bots))
+    await eventually(
+        lambda: all(
+            gateway.bots.registry.get(b.bot_id)
+            and gateway.bots.registry.get(b.bot_id).control
+            and gateway.bots.registry.get(b.bot_id).control.ready
+            for b in bots
+        )
+    )
     for bot in bots:
         keys = gateway.keyspace.bot(bot.bot_id)
-        await redis_client.xadd(keys.commands, {"json": json.dumps({"command": "sendmsg", "message": bot.bot_id})})
+        await redis_client.xadd(
+            keys.commands, {"json": json.dumps({"command": "sendmsg", "message": bot.bot_id})}
+        )
     for bot in bots:
         assert (await bot.next_command(timeout=10, after=0))["message"] == bot.bot_id
     with_bots = await clients()

@@ -40,7 +40,7 @@ def test_refusals(token, secrets, now, reason):
 
 
 def test_tampered_claims_fail_the_signature():
-    head, body, sig = mint("s1", 60, "bot_1", now=1000).split(".")
+    head, _body, sig = mint("s1", 60, "bot_1", now=1000).split(".")
     forged = mint("attacker", 10**9, "bot_1", now=1000).split(".")[1]
     with pytest.raises(AuthError, match="bad_signature"):
         verify(["s1"], f"{head}.{forged}.{sig}", now=1001)

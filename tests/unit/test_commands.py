@@ -25,11 +25,28 @@ def rejected(fields, bot="bot_1"):
 
 def test_vendor_examples_pass_verbatim():
     examples = [
-        {"command": "sendaudio", "bot_id": "bot_1", "audiochunk": B64, "sample_rate": 48000,
-         "encoding": "pcm16", "channels": 1, "endianness": "little"},
-        {"command": "sendmsg", "bot_id": "bot_1", "message": "Hello from the bot!", "msg": "Hello from the bot!"},
-        {"command": "sendchat", "bot_id": "bot_1", "role": "assistant", "text": "Here is my response...",
-         "is_final": True},
+        {
+            "command": "sendaudio",
+            "bot_id": "bot_1",
+            "audiochunk": B64,
+            "sample_rate": 48000,
+            "encoding": "pcm16",
+            "channels": 1,
+            "endianness": "little",
+        },
+        {
+            "command": "sendmsg",
+            "bot_id": "bot_1",
+            "message": "Hello from the bot!",
+            "msg": "Hello from the bot!",
+        },
+        {
+            "command": "sendchat",
+            "bot_id": "bot_1",
+            "role": "assistant",
+            "text": "Here is my response...",
+            "is_final": True,
+        },
         {"command": "interrupt", "bot_id": "bot_1", "action": "clear_audio_queue"},
         {"command": "sendimg", "bot_id": "bot_1", "img": base64.b64encode(b"\x89PNG\r\n\x1a\n....").decode()},
         {"command": "sendimg_url", "bot_id": "bot_1", "img_url": "https://example.com/bot-avatar.png"},
@@ -78,15 +95,44 @@ def test_msgpack_with_raw_audio_bytes():
         (j({"command": "sendaudio", "audiochunk": B64, "sample_rate": "48000"}), "bad_field", "integer"),
         (j({"command": "sendaudio", "audiochunk": B64, "sample_rate": True}), "bad_field", "integer"),
         (j({"command": "sendaudio", "audiochunk": "%%%", "sample_rate": 48000}), "bad_field", "base64"),
-        (j({"command": "sendaudio", "audiochunk": base64.b64encode(b"abc").decode(), "sample_rate": 48000}),
-         "bad_field", "whole PCM16"),
-        (j({"command": "sendaudio", "audiochunk": B64, "sample_rate": 48000, "channels": 2}), "bad_field", "channels"),
-        (j({"command": "sendaudio", "audiochunk": B64, "sample_rate": 48000, "encoding": "mp3"}), "bad_field", "encoding"),
-        (j({"command": "sendchat", "role": "assistant", "text": "x", "is_final": "yes"}), "bad_field", "boolean"),
+        (
+            j(
+                {
+                    "command": "sendaudio",
+                    "audiochunk": base64.b64encode(b"abc").decode(),
+                    "sample_rate": 48000,
+                }
+            ),
+            "bad_field",
+            "whole PCM16",
+        ),
+        (
+            j({"command": "sendaudio", "audiochunk": B64, "sample_rate": 48000, "channels": 2}),
+            "bad_field",
+            "channels",
+        ),
+        (
+            j({"command": "sendaudio", "audiochunk": B64, "sample_rate": 48000, "encoding": "mp3"}),
+            "bad_field",
+            "encoding",
+        ),
+        (
+            j({"command": "sendchat", "role": "assistant", "text": "x", "is_final": "yes"}),
+            "bad_field",
+            "boolean",
+        ),
         (j({"command": "sendchat", "role": "robot", "text": "x", "is_final": True}), "bad_field", "role"),
-        (j({"command": "sendchat", "role": "user", "text": "x", "is_final": True, "extra": 1}), "unknown_field", "extra"),
+        (
+            j({"command": "sendchat", "role": "user", "text": "x", "is_final": True, "extra": 1}),
+            "unknown_field",
+            "extra",
+        ),
         (j({"command": "sendimg_url", "img_url": ""}), "bad_field", "empty"),
-        (j({"command": "interrupt", "bot_id": "bot_2", "action": "clear_audio_queue"}), "bot_id_mismatch", "bot_2"),
+        (
+            j({"command": "interrupt", "bot_id": "bot_2", "action": "clear_audio_queue"}),
+            "bot_id_mismatch",
+            "bot_2",
+        ),
     ],
 )
 def test_rejections_are_precise(fields, reason, detail):

@@ -75,6 +75,10 @@ def test_readme_lists_every_setting():
 def test_cli_keys(capsys):
     assert main(["keys", "bot_abc123"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed == {"bot_id": "bot_abc123", **KeySpace().bot("bot_abc123").as_fields(),
-                       "global_events_key": "meetstream:events", "shard": KeySpace().bot("bot_abc123").shard}
+    assert printed == {
+        "bot_id": "bot_abc123",
+        **KeySpace().bot("bot_abc123").as_fields(),
+        "global_events_key": "meetstream:events",
+        "shard": KeySpace().bot("bot_abc123").shard,
+    }
     assert main(["keys", "bad id"]) == 2

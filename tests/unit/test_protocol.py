@@ -77,7 +77,11 @@ def test_any_bytes_parse_or_raise_frame_error(data):
     assert parse_audio_frame(frame.serialize()) == frame
 
 
-@given(st.text(max_size=40), st.text(max_size=40), st.binary(min_size=1, max_size=200).filter(lambda b: len(b) % 2 == 0))
+@given(
+    st.text(max_size=40),
+    st.text(max_size=40),
+    st.binary(min_size=1, max_size=200).filter(lambda b: len(b) % 2 == 0),
+)
 def test_every_valid_frame_round_trips(sid, name, pcm):
     frame = AudioFrame(sid, name, pcm)
     assert parse_audio_frame(frame.serialize()) == frame
@@ -118,7 +122,9 @@ def test_paths(path, route):
     assert parse_path(path) == route
 
 
-@pytest.mark.parametrize("path", ["/", "/bot/video", "/a/b/audio", "audio", "/{x}/audio", "/" + "a" * 200 + "/audio"])
+@pytest.mark.parametrize(
+    "path", ["/", "/bot/video", "/a/b/audio", "audio", "/{x}/audio", "/" + "a" * 200 + "/audio"]
+)
 def test_bad_paths(path):
     with pytest.raises(BadRoute):
         parse_path(path)
