@@ -66,6 +66,8 @@ _RENEW = (
 )
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
+_START_EVENTS = (b"connected", b"ready", b"audio_handshake")
+
 #: Why an instance stopped handling a bot (passed to ``on_bot_stop`` handlers).
 STOP_REASONS = ("session_ended", "released", "lease_lost", "expired", "error")
 
@@ -187,6 +189,7 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._stop_requested = asyncio.Event()
+        self._renew_stop = asyncio.Event()
         self._stopping = False
         self._stopped = False
         self._stop_lock = asyncio.Lock()
@@ -291,10 +294,9 @@ class Worker:
             self._stopped = True
             self._stopping = True
             self._wake.set()
-            discovery, claim, renew = self._tasks or (None, None, None)
-            for task in (discovery, claim):
-                if task is not None:
-                    task.cancel()
+            # No blocked Redis read is cancelled: redis-py can take its socket
+            # timeout to give such a connection up. Loops see the flag within one
+            # ``read_block_ms`` instead, and only what overstays is cancelled.
             runners = list(self._runners.values())
             for runner in runners:
                 runner.request_stop("released")
@@ -306,11 +308,12 @@ class Worker:
                     task.cancel()
                 cancelled = len(pending)
                 await asyncio.wait(tasks, timeout=5)
-            if renew is not None:
-                renew.cancel()
-            for task in self._tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            self._renew_stop.set()
+            if self._tasks:
+                _, pending = await asyncio.wait(self._tasks, timeout=self.settings.read_block_ms / 1000 + 5)
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(self._tasks, timeout=5)
             # Shielded: a second signal must not leave leases behind for others to wait out.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._release([r.bot.bot_id for r in runners]))
@@ -335,7 +338,7 @@ class Worker:
         client = await self._conns.dedicated(key, s.read_block_ms)
         last_id: str | None = None
         try:
-            while True:
+            while not self._stopping:
                 try:
                     if last_id is None:
                         last_id = await self._bootstrap(client, key)
@@ -452,8 +455,9 @@ class Worker:
 
     async def _renew_loop(self) -> None:
         s = self.settings
-        while True:
-            await asyncio.sleep(s.lease_renew_s)
+        while not self._renew_stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._renew_stop.wait(), s.lease_renew_s)
             runners = list(self._runners.values())
             if not runners or self._conns is None:
                 continue
@@ -552,12 +556,11 @@ class _BotRunner:
         self._ended = False
 
     def request_stop(self, reason: str) -> None:
+        # The run loop sees this within one read_block_ms. (Were it cancelled in a
+        # read, nothing would be lost either: entries delivered to us and not yet
+        # handled stay pending in the group, and the next owner claims them.)
         if self.stop_reason is None:
             self.stop_reason = reason
-        # Cancelling a blocked read loses nothing: entries delivered to us and not
-        # yet handled stay pending in the group; the next owner claims them.
-        if self.reading and self.task is not None:
-            self.task.cancel()
 
     async def run(self) -> None:
         w = self.worker
@@ -692,16 +695,16 @@ class _BotRunner:
         """Merge the two streams by entry id and dispatch, holding back what may be
         overtaken: past the end of a stream's full batch, the other stream could have
         older entries we have not read yet."""
-        merged: list[tuple[tuple[int, int], str, str, Any]] = []
+        merged: list[tuple[tuple[int, int, int], str, str, Any]] = []
         for key in (self.events_key, self.audio_key):
             entries = self._held.pop(key, []) + list(batches.get(key, ()))
-            merged += [(_id_key(_s(eid)), key, _s(eid), raw) for eid, raw in entries]
-        marks = [_id_key(_s(batches[k][-1][0])) for k, f in full.items() if f and batches.get(k)]
+            merged += [(self._order(key, _s(eid), raw), key, _s(eid), raw) for eid, raw in entries]
+        marks = [(_id_key(_s(batches[k][-1][0]))[0], 1) for k, f in full.items() if f and batches.get(k)]
         mark = min(marks) if marks else None
         merged.sort(key=lambda t: t[0])
         done: dict[str, list[str]] = {self.events_key: [], self.audio_key: []}
         for idk, key, eid, raw in merged:
-            if mark is not None and idk > mark:
+            if mark is not None and idk[:2] > mark:
                 self._held.setdefault(key, []).append((eid, raw))
                 continue
             if time.monotonic() > self.valid_until:
@@ -720,6 +723,15 @@ class _BotRunner:
                 pipe.xack(key, self.worker.settings.group, *ids)
         if any(done.values()):
             await pipe.execute()
+
+    def _order(self, key: str, entry_id: str, raw: Mapping[bytes, bytes]) -> tuple[int, int, int]:
+        """Sort key across the two streams. Entry ids are times only to the millisecond
+        (the sequence part counts per stream), so within one millisecond a connection's
+        start events go before audio, and everything else (ends included) after it."""
+        ms, seq = _id_key(entry_id)
+        if key == self.audio_key:
+            return ms, 1, seq
+        return ms, 0 if raw.get(b"type") in _START_EVENTS else 2, seq
 
     async def _dispatch_event(self, entry_id: str, raw: dict[bytes, bytes]) -> None:
         w, bot = self.worker, self.bot

@@ -58,9 +58,7 @@ async def test_commands_reach_the_bot(gateway, worker_settings, redis_client):
 
     async with running(worker), SimulatedBot(ws_url(gateway), "bot_cmd") as bot:
         await asyncio.wait_for(done.wait(), 10)
-        await eventually(
-            lambda: "sendimg_url" in [c["command"] for c in bot.commands()], what="last command"
-        )
+        await eventually(lambda: "sendimg_url" in [c["command"] for c in bot.commands()], what="last command")
         entries = await redis_client.xrange(worker.bots["bot_cmd"].commands_key)
     # What the SDK wrote: exactly the documented entries, one per command...
     assert [next(iter(f)).decode() for _, f in entries] == ["json"] * 5 + ["msgpack"] * 2 + [
@@ -122,7 +120,8 @@ async def test_slow_handler_does_not_hold_up_other_bots(gateway, worker_settings
             fast_frames.append(frame.seq)
 
     async with (
-        running(worker), SimulatedBot(ws_url(gateway), "bot_slow") as slow,
+        running(worker),
+        SimulatedBot(ws_url(gateway), "bot_slow") as slow,
         SimulatedBot(ws_url(gateway), "bot_fast") as fast,
     ):
         await slow.stream_speech([Speaker("s1", "Ada")], 0.3, realtime=False)
