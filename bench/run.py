@@ -1,0 +1,539 @@
+"""The one command: the gateway and the reference bridge, side by side on one real redis-server.
+
+    .venv/bin/python -m bench.run --quick      # about two minutes, small bot counts
+    .venv/bin/python -m bench.run              # the figures in docs/BENCHMARKS.md (about 10 minutes)
+    .venv/bin/python -m bench.report bench/results/latest-full.json   # the tables again
+
+Each phase starts its server fresh (gateway or bridge, same Redis, FLUSHALL between phases), so
+CPU and RSS belong to that phase alone; generator processes connect every bot, then all start on
+one clock; numbers are taken over a measurement window after a warm-up. Results go to
+``bench/results/<time>-<config>.json`` and ``latest-<config>.json`` (gitignored).
+
+CPU is the kernel's account of the server process (user + system, psutil), never wall time.
+The machine has few cores, shared by the generator, Redis and whoever else runs: each phase also
+records the generator's own CPU and the machine's total busy CPU, so a figure limited by the
+machine says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import redis
+
+from bench import profile as pyspy
+from bench import redis_limit
+from bench.commander import Commander, CommanderSpec
+from bench.loadgen import LoadGen, LoadSpec, merge
+from bench.procstat import BridgeProcess, cpu_busy_total, machine_load, redis_sample, sample
+from gateway.embedded_redis import RedisServer
+from gateway.testing.process import GatewayProcess
+
+RESULTS = Path(__file__).parent / "results"
+Target = Literal["gateway", "reference"]
+
+
+@dataclass
+class Phase:
+    name: str
+    target: Target
+    bots: int
+    frame_ms: int = 100
+    speakers: int = 1
+    mode: Literal["realtime", "flood"] = "realtime"
+    warmup_s: float = 2.0
+    window_s: float = 8.0
+    command_rate_per_s: float = 100.0
+    ping_s: float | None = None  # server keepalive interval = timeout; None: the server's default
+    profile: bool = False
+    processes: int = 2
+    connect_concurrency: int = 4  # handshakes in flight per generator process
+
+
+@dataclass
+class Config:
+    name: str
+    phases: list[Phase] = field(default_factory=list)
+    limit_seconds: float = 3.0
+    audio_maxlen: int = 100  # both servers: bounds Redis memory at 1,000 bots (10 s of 100 ms frames)
+    settle_s: float = 1.0  # pauses: after connecting, before the start, for the server to drain
+
+
+def _both(name: str, **kw: Any) -> list[Phase]:
+    return [Phase(f"{name}", "gateway", **kw), Phase(f"{name}", "reference", **kw)]
+
+
+def config(name: str, processes: int, profile: bool) -> Config:
+    p = dict(processes=processes)
+    if name == "tiny":  # the test suite: does it run, not how fast
+        return Config(
+            name,
+            [
+                *_both("realtime-100ms", bots=4, warmup_s=1.0, window_s=2.0, command_rate_per_s=20, **p),
+                *_both(
+                    "flood-100ms", bots=2, mode="flood", warmup_s=0.5, window_s=1.5, command_rate_per_s=0, **p
+                ),
+            ],
+            limit_seconds=0.3,
+        )
+    if name == "quick":
+        return Config(
+            name,
+            [
+                *(ph for n in (20, 100) for ph in _both("realtime-100ms", bots=n, window_s=5.0, **p)),
+                *_both("realtime-20ms", bots=50, frame_ms=20, window_s=5.0, ping_s=5.0, **p),
+                *_both(
+                    "flood-100ms",
+                    bots=20,
+                    mode="flood",
+                    warmup_s=1.0,
+                    window_s=4.0,
+                    command_rate_per_s=0,
+                    profile=profile,
+                    **p,
+                ),
+            ],
+            limit_seconds=1.0,
+        )
+    phases: list[Phase] = []
+    for n in (100, 500, 1000):
+        phases += _both(
+            "realtime-100ms",
+            bots=n,
+            warmup_s=3.0,
+            window_s=10.0,
+            command_rate_per_s=200,
+            profile=profile and n == 1000,
+            **p,
+        )
+    for n in (200, 1000):
+        phases += _both(
+            "realtime-20ms",
+            bots=n,
+            frame_ms=20,
+            warmup_s=3.0,
+            window_s=20.0,
+            ping_s=5.0,
+            command_rate_per_s=200,
+            **p,
+        )
+    # Bots arriving together (e.g. after a replica restart): 16 handshakes in flight per process.
+    phases += _both("connect-burst", bots=200, warmup_s=1.0, window_s=4.0, connect_concurrency=16, **p)
+    phases += _both(
+        "flood-100ms",
+        bots=50,
+        mode="flood",
+        warmup_s=2.0,
+        window_s=10.0,
+        command_rate_per_s=0,
+        profile=profile,
+        **p,
+    )
+    phases += _both(
+        "flood-20ms",
+        bots=50,
+        frame_ms=20,
+        mode="flood",
+        warmup_s=2.0,
+        window_s=10.0,
+        command_rate_per_s=0,
+        **p,
+    )
+    return Config(name, phases, limit_seconds=3.0)
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def dist(values: list[float]) -> dict[str, Any]:
+    return {
+        "n": len(values),
+        "p50": pct(values, 50),
+        "p99": pct(values, 99),
+        "max": max(values) if values else None,
+        "mean": statistics.fmean(values) if values else None,
+    }
+
+
+def git_meta() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        with contextlib.suppress(Exception):
+            return subprocess.run(
+                ["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent.parent
+            ).stdout.strip()
+        return ""
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "gateway_dirty": bool(git("status", "--porcelain", "--", "gateway")),
+    }
+
+
+def gateway_counters(gw: GatewayProcess) -> dict[str, float]:
+    """The gateway's own counters, flattened to ``name{label=value}``."""
+    out: dict[str, float] = {}
+    with contextlib.suppress(Exception):
+        for (name, labels), value in gw.metrics().items():
+            if not name.startswith("meetstream_gateway_") or name.endswith(("_bucket", "_created")):
+                continue
+            short = name.removeprefix("meetstream_gateway_")
+            if labels:
+                short += "{" + ",".join(f"{k}={v}" for k, v in labels) + "}"
+            out[short] = value
+    return out
+
+
+def _dropped(counters: dict[str, float]) -> dict[str, float]:
+    return {
+        k.split("reason=", 1)[1].rstrip("}"): v
+        for k, v in counters.items()
+        if k.startswith("frames_dropped_total{") and v
+    }
+
+
+class _Profiler(threading.Thread):
+    def __init__(self, pid: int, at: float, seconds: float, out: Path) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.at, self.seconds, self.out = pid, at, seconds, out
+        self.ok, self.message = False, "not run"
+
+    def run(self) -> None:
+        time.sleep(max(0.0, self.at - time.time()))
+        self.ok, self.message = pyspy.record(self.pid, self.seconds, self.out)
+
+
+# -- one phase ------------------------------------------------------------------
+
+
+def run_phase(
+    server: RedisServer, cfg: Config, ph: Phase, tag: str, results_dir: Path = RESULTS
+) -> dict[str, Any]:
+    r = redis.Redis.from_url(server.url)
+    r.flushall()
+    ping = [] if ph.ping_s is None else [str(ph.ping_s), str(ph.ping_s)]
+    if ph.target == "gateway":
+        flags = ["--audio-maxlen", str(cfg.audio_maxlen)]
+        if ph.mode == "flood":  # the per-connection rate limit would measure itself, not the pipeline
+            flags += ["--max-frames-per-s", "1000000"]
+        if ping:
+            flags += ["--ws-ping-interval-s", ping[0], "--ws-ping-timeout-s", ping[1]]
+        proc: Any = GatewayProcess(server.url, *flags).start()
+        pid = proc.proc.pid
+    else:
+        flags = ["--audio-maxlen", str(cfg.audio_maxlen)]
+        if ping:
+            flags += ["--ws-ping-interval-s", ping[0], "--ws-ping-timeout-s", ping[1]]
+        proc = BridgeProcess(server.url, *flags).start()
+        pid = proc.proc.pid  # type: ignore[union-attr]
+    gen: LoadGen | None = None
+    cmd: Commander | None = None
+    out: dict[str, Any] = {
+        "phase": ph.name,
+        **dataclasses.asdict(ph),
+        "server_pid": pid,
+        "server_flags": flags,
+    }
+    try:
+        time.sleep(0.5)
+        idle = sample(pid)
+        bot_ids = [f"{ph.target[:3]}-{ph.name}-{ph.bots}-{i}" for i in range(ph.bots)]
+        duration = ph.warmup_s + ph.window_s
+        spec = LoadSpec(
+            url=proc.url,
+            bot_ids=bot_ids,
+            frame_ms=ph.frame_ms,
+            speakers=ph.speakers,
+            mode=ph.mode,
+            duration_s=duration,
+            window_start_s=ph.warmup_s,
+            window_end_s=duration,
+            connect_concurrency=ph.connect_concurrency,
+            tail_s=cfg.settle_s,
+        )
+        gen = LoadGen(spec, ph.processes).start()
+        cmd = Commander(
+            CommanderSpec(
+                server.url,
+                bot_ids,
+                rate_per_s=ph.command_rate_per_s,
+                window_start_s=ph.warmup_s,
+                window_end_s=duration,
+                duration_s=duration,
+            ),
+            gen.go,
+            gen.start_at,
+        ).start()
+        t_conn = time.monotonic()
+        connected, failed = gen.wait_connected(timeout_s=180)
+        out["connect_s"] = time.monotonic() - t_conn
+        time.sleep(cfg.settle_s)
+        conn_sample = sample(pid)
+        r0_total = redis_sample(r)
+        start = time.time() + cfg.settle_s
+        gen.go_at(start)
+        prof = None
+        if ph.profile:
+            prof = _Profiler(
+                pid,
+                start + ph.warmup_s + 0.5,
+                max(2.0, ph.window_s - 1.0),
+                results_dir / f"{tag}-{ph.target}-{ph.name}-{ph.bots}.pyspy.txt",
+            )
+            prof.start()
+        time.sleep(max(0.0, start + ph.warmup_s - time.time()))
+        s0, rs0, m0 = sample(pid), redis_sample(r), cpu_busy_total()
+        g0 = gateway_counters(proc) if ph.target == "gateway" else {}
+        time.sleep(max(0.0, start + duration - time.time()))
+        s1, rs1, m1 = sample(pid), redis_sample(r), cpu_busy_total()
+        g1 = gateway_counters(proc) if ph.target == "gateway" else {}
+        results = gen.results(timeout_s=duration + 90)
+        cres = cmd.result(timeout_s=30)
+        time.sleep(cfg.settle_s)  # let the server write what it still holds
+        g2 = gateway_counters(proc) if ph.target == "gateway" else {}
+        r2_total = redis_sample(r)
+        if prof is not None:
+            prof.join(60)
+    finally:
+        if gen is not None:
+            gen.stop()
+        if cmd is not None:
+            cmd.stop()
+        proc.stop()
+        with contextlib.suppress(Exception):
+            r.flushall()
+        r.close()
+
+    load = merge(results)
+    window = s1.at - s0.at
+    cmds = cres["commands_written"]
+    audio_xadds_window = (rs1.xadd_calls - rs0.xadd_calls) - cmds  # commands are written in the window only
+    audio_xadds_total = (r2_total.xadd_calls - r0_total.xadd_calls) - cmds
+    if ph.target == "gateway":
+        # The gateway also XADDs events (few after the connect phase); its own counter is exact.
+        audio_total = g2.get("stream_entries_published_total{kind=audio}", 0.0)
+        audio_window = g1.get("stream_entries_published_total{kind=audio}", 0.0) - g0.get(
+            "stream_entries_published_total{kind=audio}", 0.0
+        )
+    else:
+        audio_total, audio_window = audio_xadds_total, audio_xadds_window
+    server_cpu = s1.cpu_s - s0.cpu_s
+    redis_cpu = rs1.cpu_s - rs0.cpu_s
+    intended = ph.bots * ph.speakers * 1000 / ph.frame_ms if ph.mode == "realtime" else None
+    offered = load["frames_sent_window"] / window if window else 0.0
+    lost = int(load["frames_sent"] - audio_total)
+    tap = dist(cres["tap_latency_ms"])
+    cmd_lat = dist(load["cmd_latency_ms"])
+    machine_cpu = m1 - m0
+    out.update(
+        {
+            "bots_connected": connected,
+            "connect_failures": failed,
+            "connect_errors": load["connect_errors"],
+            "window_s": window,
+            "intended_fps": intended,
+            "offered_fps": offered,
+            "offered_ratio": offered / intended if intended else None,
+            "send_lateness_ms": dist(load["lateness_ms"]),
+            "frames_sent": load["frames_sent"],
+            "frames_blocked_at_bot": load["frames_blocked"],
+            "frames_on_closed_socket": load["frames_on_closed"],
+            "frames_in_redis": int(audio_total),
+            "frames_lost": lost,
+            "lost_ratio": lost / load["frames_sent"] if load["frames_sent"] else None,
+            "frames_in_redis_window": audio_window,
+            "redis_fps": audio_window / window if window else 0.0,
+            "server_cpu_s": server_cpu,
+            "server_cores": server_cpu / window if window else 0.0,
+            "server_cpu_us_per_frame": server_cpu / audio_window * 1e6 if audio_window else None,
+            "frames_per_cpu_s": audio_window / server_cpu if server_cpu else None,
+            "redis_cpu_s": redis_cpu,
+            "redis_cores": redis_cpu / window if window else 0.0,
+            "redis_cpu_us_per_frame": redis_cpu / audio_window * 1e6 if audio_window else None,
+            "redis_xadd_usec_per_call": (rs1.xadd_usec - rs0.xadd_usec)
+            / max(1, rs1.xadd_calls - rs0.xadd_calls),
+            "redis_clients": rs1.clients,
+            "redis_used_memory": rs1.used_memory,
+            "loadgen_cpu_s": load["cpu_window_s"],
+            "loadgen_cores": load["cpu_window_s"] / window if window else 0.0,
+            "machine_busy_cores": machine_cpu / window if window else 0.0,
+            "other_cores": max(0.0, machine_cpu - server_cpu - redis_cpu - load["cpu_window_s"]) / window
+            if window
+            else 0.0,
+            "rss_idle_bytes": idle.rss_bytes,
+            "rss_connected_bytes": conn_sample.rss_bytes,
+            "rss_streaming_bytes": s1.rss_bytes,
+            "rss_per_bot_connected_bytes": (conn_sample.rss_bytes - idle.rss_bytes) / max(1, connected),
+            "rss_per_bot_streaming_bytes": (s1.rss_bytes - idle.rss_bytes) / max(1, connected),
+            "ingest_latency_ms": tap,
+            "tap_entries": cres["tap_entries"],
+            "tap_gaps": cres["tap_gaps"],
+            "commands_written": cmds,
+            "commands_received": load["commands_received"],
+            "commands_lost": cmds - load["commands_received"],
+            "command_latency_ms": cmd_lat,
+            "closed_by_server": load["closed_by_server"],
+            "errors": "; ".join(e for e in (load["error"], cres["error"]) if e),
+        }
+    )
+    if ph.target == "gateway":
+        out["gateway_dropped"] = _dropped(g2)
+        out["gateway_received_total"] = g2.get("audio_frames_received_total", 0.0)
+        out["gateway_publish_buffer_bytes_at_window_end"] = g1.get("publish_buffer_bytes", 0.0)
+        out["gateway_closed"] = {
+            k.split("{", 1)[1].rstrip("}"): v
+            for k, v in g2.items()
+            if k.startswith("connections_closed_total{") and v
+        }
+    ok = (
+        connected == ph.bots
+        and not failed
+        and lost <= 0
+        and load["frames_blocked"] == 0
+        and not any(load["closed_by_server"].get(ch) for ch in ("audio", "control"))
+    )
+    if ph.mode == "realtime":
+        ok = ok and (tap["p99"] or 0) < 500 and (out["offered_ratio"] or 0) > 0.98
+    out["kept_up"] = ok
+    if prof is not None:
+        out["profile"] = {"ok": prof.ok, "command": prof.message}
+        if prof.ok:
+            out["profile"].update(pyspy.fold(prof.out.read_text()))
+    return out
+
+
+# -- the run ---------------------------------------------------------------------
+
+
+def run(
+    cfg: Config, only: str | None = None, limit: bool = True, results_dir: Path = RESULTS
+) -> dict[str, Any]:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    tag = time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.name}"
+    result: dict[str, Any] = {
+        "meta": {
+            "config": cfg.name,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **git_meta(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "load_before": machine_load(),
+            "audio_maxlen": cfg.audio_maxlen,
+        },
+        "limit": [],
+        "phases": [],
+    }
+    with RedisServer() as server:
+        result["meta"]["redis_version"] = redis.Redis.from_url(server.url).info("server")["redis_version"]
+        if limit:
+            print(f"[bench] redis-py XADD limit ({cfg.limit_seconds}s each)", flush=True)
+            result["limit"] = redis_limit.run_all(server.url, seconds=cfg.limit_seconds)
+        for ph in cfg.phases:
+            if only and only not in ph.name:
+                continue
+            print(f"[bench] {ph.name} {ph.target} bots={ph.bots} frame={ph.frame_ms}ms {ph.mode}", flush=True)
+            try:
+                row = run_phase(server, cfg, ph, tag, results_dir)
+            except Exception as exc:  # one failed phase is reported, the rest still run
+                row = {"phase": ph.name, **dataclasses.asdict(ph), "errors": repr(exc)[:500], "failed": True}
+            result["phases"].append(row)
+            print("[bench]   " + summary_line(row), flush=True)
+    result["meta"]["load_after"] = machine_load()
+    result["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    path = results_dir / f"{tag}.json"
+    path.write_text(json.dumps(result, indent=1))
+    (results_dir / f"latest-{cfg.name}.json").write_text(json.dumps(result, indent=1))
+    result["meta"]["path"] = str(path)
+    return result
+
+
+def summary_line(row: dict[str, Any]) -> str:
+    if row.get("failed"):
+        return f"FAILED: {row.get('errors')}"
+
+    def f(v: Any, spec: str = ".0f") -> str:
+        return "-" if v is None else format(v, spec)
+
+    return (
+        f"offered {f(row['offered_fps'])} f/s (intended {f(row['intended_fps'])}),"
+        f" in redis {f(row['redis_fps'])} f/s, server {f(row['server_cores'], '.2f')} cores,"
+        f" {f(row['server_cpu_us_per_frame'], '.1f')} us/frame,"
+        f" redis {f(row['redis_cpu_us_per_frame'], '.1f')} us/frame, lost {row['frames_lost']},"
+        f" cmd p99 {f(row['command_latency_ms']['p99'], '.1f')} ms, ingest p99"
+        f" {f(row['ingest_latency_ms']['p99'], '.1f')} ms, loadgen {f(row['loadgen_cores'], '.2f')} cores,"
+        f" kept_up={row['kept_up']} closed={row['closed_by_server']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Benchmark the gateway against the reference bridge")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="small bot counts, about two minutes")
+    group.add_argument("--tiny", action="store_true", help="a few seconds: does it run")
+    group.add_argument("--bots", type=int, help="one ad-hoc phase with this many bots (see --target etc.)")
+    parser.add_argument("--target", choices=["gateway", "reference", "both"], default="both")
+    parser.add_argument("--frame-ms", type=int, default=100)
+    parser.add_argument("--speakers", type=int, default=1)
+    parser.add_argument("--mode", choices=["realtime", "flood"], default="realtime")
+    parser.add_argument("--window-s", type=float, default=8.0)
+    parser.add_argument("--command-rate", type=float, default=100.0, help="commands per second, all bots")
+    parser.add_argument("--ping-s", type=float, help="server keepalive interval and timeout")
+    parser.add_argument("--only", help="run only phases whose name contains this")
+    parser.add_argument("--processes", type=int, default=2, help="load generator processes")
+    parser.add_argument("--no-profile", action="store_true", help="skip py-spy")
+    parser.add_argument("--no-limit", action="store_true", help="skip the redis-py XADD limit")
+    args = parser.parse_args(argv)
+    if args.bots:
+        targets = ["gateway", "reference"] if args.target == "both" else [args.target]
+        cfg = Config(
+            "custom",
+            [
+                Phase(
+                    f"{args.mode}-{args.frame_ms}ms",
+                    t,
+                    args.bots,
+                    frame_ms=args.frame_ms,
+                    speakers=args.speakers,
+                    mode=args.mode,
+                    window_s=args.window_s,
+                    command_rate_per_s=args.command_rate,
+                    ping_s=args.ping_s,
+                    profile=not args.no_profile,
+                    processes=args.processes,
+                )
+                for t in targets
+            ],
+            limit_seconds=1.0,
+        )
+    else:
+        name = "tiny" if args.tiny else "quick" if args.quick else "full"
+        cfg = config(name, args.processes, not args.no_profile)
+    result = run(cfg, args.only, limit=not args.no_limit)
+    print(f"[bench] results: {result['meta']['path']}")
+    from bench.report import render
+
+    print(render(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
