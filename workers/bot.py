@@ -95,7 +95,9 @@ class Bot:
         self.commands_sent += 1
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
-    async def say(self, pcm: bytes | np.ndarray, sample_rate: int) -> float:
+    async def say(
+        self, pcm: bytes | np.ndarray, sample_rate: int, *, utterance_id: str | None = None
+    ) -> float:
         """Play PCM16 (bytes or an int16/float32 array) of any length; returns seconds queued.
 
         Long audio goes out in ``say_chunk_s`` pieces so no entry nears the
@@ -104,7 +106,7 @@ class Bot:
         data = to_pcm16(pcm)
         step = max(2, int(self.say_chunk_s * sample_rate) * 2)
         for start in range(0, len(data), step):
-            await self.send(commands.sendaudio(data[start : start + step], sample_rate))
+            await self.send(commands.sendaudio(data[start : start + step], sample_rate, utterance_id))
         duration = len(data) / 2 / sample_rate
         now = time.monotonic()
         self._playing_until = max(now, self._playing_until) + duration

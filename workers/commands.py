@@ -24,21 +24,23 @@ def as_msgpack(command: dict[str, Any]) -> Fields:
     return {"msgpack": msgpack.packb(command, use_bin_type=True)}
 
 
-def sendaudio(pcm16: bytes, sample_rate: int) -> Fields:
+def sendaudio(pcm16: bytes, sample_rate: int, utterance_id: str | None = None) -> Fields:
+    """``utterance_id`` needs a gateway that knows it (issue #3); older ones reject it."""
     if len(pcm16) % 2 or not pcm16:
         raise ValueError(f"{len(pcm16)} bytes is not whole PCM16 samples")
     if sample_rate <= 0:
         raise ValueError("sample_rate must be positive")
-    return as_msgpack(
-        {
-            "command": "sendaudio",
-            "audiochunk": pcm16,
-            "sample_rate": int(sample_rate),
-            "encoding": "pcm16",
-            "channels": 1,
-            "endianness": "little",
-        }
-    )
+    command: dict[str, Any] = {
+        "command": "sendaudio",
+        "audiochunk": pcm16,
+        "sample_rate": int(sample_rate),
+        "encoding": "pcm16",
+        "channels": 1,
+        "endianness": "little",
+    }
+    if utterance_id is not None:
+        command["utterance_id"] = utterance_id
+    return as_msgpack(command)
 
 
 def sendmsg(text: str) -> Fields:
