@@ -309,6 +309,7 @@ class BotServer:
         frames_received = metrics.frames_received
         bytes_received = metrics.bytes_received
         publish = self.publisher.audio
+        conn_b = conn.conn_id.encode()
         keys = self.keyspace.bot(conn.bot_id)
         clock = asyncio.get_running_loop().time
         over_rate = self._over_rate
@@ -331,7 +332,7 @@ class BotServer:
                     continue
             frames_received.inc()
             bytes_received.inc(len(frame.pcm))
-            publish(keys, frame, seq, conn.conn_id)
+            publish(keys, frame, seq, conn_b)
             seq += 1
 
     def _audio_text(self, conn: BotConnection, route: Route, text: str):  # type: ignore[no-untyped-def]

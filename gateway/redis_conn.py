@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.exceptions import RedisUnavailable
+from gateway.resp import encode_commands
 from gateway.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,25 @@ class RedisBackend:
             decode_responses=False,
         )
         return aioredis.Redis(**kwargs)
+
+    def raw_params(self) -> dict[str, Any]:
+        """Credentials and TLS options of the URL, for :class:`RawConnection`."""
+        params: dict[str, Any] = parse_url(self.url)
+        conn_class = params.pop("connection_class", None)
+        if conn_class is not None and "SSL" in conn_class.__name__:
+            params["ssl"] = True
+        if self.is_cluster:
+            params.pop("db", None)
+        return params
+
+    def raw_connection(self, host: str | None = None, port: int | None = None) -> RawConnection:
+        params = self.raw_params()
+        return RawConnection(host or params.get("host", "localhost"), port or int(params.get("port", 6379)), params)
+
+    def node_of(self, key: str) -> tuple[str, int]:
+        """Host and port of the node that serves ``key`` (a Cluster's current slot map)."""
+        node = self.client.get_node_from_key(key)
+        return node.host, node.port
 
     def now_ms(self) -> int:
         """Redis server time in Unix ms, as our clock corrected by the offset seen at start."""
@@ -127,3 +150,76 @@ async def _clock_offset_ms(client: Any, is_cluster: bool) -> int:
     after = time.time()
     ours = (before + after) / 2
     return int((seconds + micros / 1e6 - ours) * 1000)
+
+
+class RawConnection:
+    """One connection for the publisher's pipelined writes: RESP bytes out, hiredis-parsed replies in.
+
+    Error replies come back as ``hiredis.ReplyError`` values, one per command, not
+    raised. Any socket trouble, a timeout or a cancellation leaves the connection
+    in an unknown state, so it is closed and the caller opens a new one.
+    """
+
+    def __init__(self, host: str, port: int, params: dict[str, Any], timeout_s: float = WRITE_SOCKET_TIMEOUT_S):
+        self.host = host
+        self.port = port
+        self.params = params
+        self.timeout_s = timeout_s
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._parser = hiredis.Reader()
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and not self._writer.is_closing()
+
+    async def connect(self) -> None:
+        ssl_ctx = None
+        if self.params.get("ssl"):
+            ssl_ctx = ssl.create_default_context(cafile=self.params.get("ssl_ca_certs"))
+            if self.params.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
+                ssl_ctx.check_hostname = False
+                ssl_ctx.verify_mode = ssl.CERT_NONE
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port, ssl=ssl_ctx)
+        self._parser = hiredis.Reader()
+        setup: list[tuple[Any, ...]] = []
+        if self.params.get("password"):
+            user = self.params.get("username")
+            setup.append(("AUTH", user, self.params["password"]) if user else ("AUTH", self.params["password"]))
+        if self.params.get("db"):
+            setup.append(("SELECT", self.params["db"]))
+        if setup:
+            for reply in await self.execute(encode_commands(setup), len(setup)):
+                if isinstance(reply, hiredis.ReplyError):
+                    self.close()
+                    raise RedisError(f"connection setup refused: {reply}")
+
+    async def execute(self, payload: bytes, replies: int) -> list[Any]:
+        if self._writer is None or self._reader is None:
+            await self.connect()
+        assert self._writer is not None and self._reader is not None  # noqa: S101 - just connected
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                self._writer.write(payload)
+                await self._writer.drain()
+                out: list[Any] = []
+                parser = self._parser
+                while len(out) < replies:
+                    reply = parser.gets()
+                    if reply is False:
+                        data = await self._reader.read(1 << 16)
+                        if not data:
+                            raise RedisConnectionError("connection closed by Redis")
+                        parser.feed(data)
+                        continue
+                    out.append(reply)
+                return out
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
