@@ -121,7 +121,8 @@ class Gateway:
         )
 
     async def _watch_redis(self) -> None:
-        assert self.backend is not None
+        if self.backend is None:  # started only by start(), after connecting
+            return
         while True:
             started = time.perf_counter()
             try:

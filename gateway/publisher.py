@@ -323,7 +323,9 @@ class Publisher:
                 self.metrics.redis_errors.labels("publish").inc()
                 if op.kind == "audio":
                     self.metrics.dropped.labels("redis_error").inc()
-                log.error("redis refused a write", extra={"kind": op.kind, "key": op.key, "error": str(reply)})
+                log.error(
+                    "redis refused a write", extra={"kind": op.kind, "key": op.key, "error": str(reply)}
+                )
             elif op.kind == "audio":
                 audio += 1
                 audio_bytes += op.size

@@ -75,7 +75,8 @@ class RedisBackend:
 
     def raw_connection(self, host: str | None = None, port: int | None = None) -> RawConnection:
         params = self.raw_params()
-        return RawConnection(host or params.get("host", "localhost"), port or int(params.get("port", 6379)), params)
+        host = host or params.get("host", "localhost")
+        return RawConnection(host, port or int(params.get("port", 6379)), params)
 
     def node_of(self, key: str) -> tuple[str, int]:
         """Host and port of the node that serves ``key`` (a Cluster's current slot map)."""
@@ -160,7 +161,9 @@ class RawConnection:
     in an unknown state, so it is closed and the caller opens a new one.
     """
 
-    def __init__(self, host: str, port: int, params: dict[str, Any], timeout_s: float = WRITE_SOCKET_TIMEOUT_S):
+    def __init__(
+        self, host: str, port: int, params: dict[str, Any], timeout_s: float = WRITE_SOCKET_TIMEOUT_S
+    ) -> None:
         self.host = host
         self.port = port
         self.params = params
@@ -186,7 +189,8 @@ class RawConnection:
         setup: list[tuple[Any, ...]] = []
         if self.params.get("password"):
             user = self.params.get("username")
-            setup.append(("AUTH", user, self.params["password"]) if user else ("AUTH", self.params["password"]))
+            password = self.params["password"]
+            setup.append(("AUTH", user, password) if user else ("AUTH", password))
         if self.params.get("db"):
             setup.append(("SELECT", self.params["db"]))
         if setup:
@@ -198,7 +202,8 @@ class RawConnection:
     async def execute(self, payload: bytes, replies: int) -> list[Any]:
         if self._writer is None or self._reader is None:
             await self.connect()
-        assert self._writer is not None and self._reader is not None  # noqa: S101 - just connected
+        if self._writer is None or self._reader is None:
+            raise RedisConnectionError("not connected")
         try:
             async with asyncio.timeout(self.timeout_s):
                 self._writer.write(payload)

@@ -59,12 +59,10 @@ class AudioEncoder:
             if len(self._heads) >= self._max_heads:
                 self._heads.clear()  # bounded: bots come and go
             k = key.encode()
-            head = b"*20\r\n$4\r\nXADD\r\n$%d\r\n%b\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n$%d\r\n%b\r\n$1\r\n*\r\n" % (
+            head = b"*20\r\n$4\r\nXADD\r\n$%d\r\n%b\r\n" % (
                 len(k),
                 k,
-                len(self._maxlen),
-                self._maxlen,
-            )
+            ) + b"$6\r\nMAXLEN\r\n$1\r\n~\r\n$%d\r\n%b\r\n$1\r\n*\r\n" % (len(self._maxlen), self._maxlen)
             self._heads[key] = head
         return head
 
