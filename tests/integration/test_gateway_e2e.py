@@ -418,3 +418,20 @@ async def test_drain_refuses_new_bots_then_closes_remaining_with_1012(redis_url,
         await gw.stop()
         await eventually(lambda: bot.control.close_code == 1012, 5)
         await eventually(lambda: _xlen_is(redis_client, keys.audio, 2))
+
+
+async def test_text_in_the_middle_of_audio_is_an_event_and_audio_goes_on(gateway, redis_client):
+    """A JSON text frame between audio frames is published as a `message` event on the
+    bot's stream, whole; the frames around it keep their order and their seq."""
+    async with SimulatedBot(ws_url(gateway), "bot_mid") as bot:
+        frame = AudioFrame("s", "Ada", b"\x03\x00" * 480)
+        await bot.send_frame(frame)
+        await bot.audio.send('{"type": "speaker_changed", "speakerName": "Grace"}')
+        await bot.send_frame(frame)
+        keys = gateway.keyspace.bot("bot_mid")
+        await eventually(lambda: _xlen_is(redis_client, keys.audio, 2))
+        messages = await eventually(lambda: _messages(redis_client, keys.events))
+    assert messages[0]["channel"] == "audio"
+    assert messages[0]["data"] == '{"type": "speaker_changed", "speakerName": "Grace"}'
+    entries = [f for _, f in await redis_client.xrange(keys.audio)]
+    assert [e[b"seq"] for e in entries] == [b"0", b"1"]
