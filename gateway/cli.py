@@ -12,7 +12,8 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from gateway.auth import mint, split_secrets
 from gateway.exceptions import ConfigError, GatewayError
@@ -59,11 +60,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gateway.app import Gateway  # late: keeps `keys` free of the server's imports
 
     try:
-        asyncio.run(Gateway(settings).run())
+        run = _event_loop_runner(settings.event_loop)
+        run(Gateway(settings).run())
     except GatewayError as exc:
         print(f"meetstream-gateway: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """uvloop when asked for or available: a few percent less CPU per frame."""
+    if choice == "asyncio":
+        return asyncio.run
+    try:
+        import uvloop
+    except ImportError as exc:
+        if choice == "uvloop":
+            raise ConfigError("event_loop=uvloop, but uvloop is not installed (pip install uvloop)") from exc
+        return asyncio.run
+    return uvloop.run
 
 
 def _token(ns: argparse.Namespace) -> int:

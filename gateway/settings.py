@@ -21,6 +21,7 @@ ENV_PREFIX = "MEETSTREAM_"
 ClusterMode = Literal["auto", "yes", "no"]
 LogFormat = Literal["json", "text"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+EventLoop = Literal["auto", "asyncio", "uvloop"]
 
 
 def _opt(default: Any, help: str, *, secret: bool = False) -> Any:
@@ -98,6 +99,7 @@ class Settings:
     )
     publish_batch_max: int = _opt(2000, "Most stream entries sent in one pipeline")
     # Logging and identity
+    event_loop: EventLoop = _opt("auto", "asyncio event loop: uvloop when installed (auto), or force one")
     log_level: LogLevel = _opt("info", "Log level")
     log_format: LogFormat = _opt("json", "json (one object per line) or text (key=value)")
     gateway_id: str = _opt("", "This process's name in Redis consumer groups (default: hostname-random)")
