@@ -281,6 +281,17 @@ class BotServer:
                 extra={"bot_id": conn.bot_id, "channel": conn.channel, "reason": reason, "detail": detail},
             )
 
+    def _settle_handshake(self, conn: BotConnection, handshake: dict[str, Any], route: Route) -> BotKeys:
+        """Check a handshake's bot_id against the path (and token), bind the connection if
+        the path named no bot, and mark it ready."""
+        try:
+            bot_id = handshake_bot_id(handshake, route)
+        except BadRoute as exc:
+            raise self._bad_route(exc) from None
+        keys = self._bind(conn, bot_id) if conn.bot_id is None else self.keyspace.bot(bot_id)
+        conn.ready = True
+        return keys
+
     def _bad_route(self, exc: BadRoute) -> _CloseWith:
         return _CloseWith(CLOSE_BAD_REQUEST, exc.reason, _CLOSE_REASON_TEXT.get(exc.reason, "bad request"))
 
@@ -353,12 +364,7 @@ class BotServer:
                 self._drop(conn, exc.reason, exc.detail)
                 return None
         if not conn.ready:
-            try:
-                bot_id = handshake_bot_id(obj, route)
-            except BadRoute as exc:
-                raise self._bad_route(exc) from None
-            keys = self._bind(conn, bot_id) if conn.bot_id is None else self.keyspace.bot(bot_id)
-            conn.ready = True
+            keys = self._settle_handshake(conn, obj, route)
             # The handshake is kept whole, as the bot sent it.
             self.publisher.event(keys, "audio_handshake", "audio", data=text, conn=conn.conn_id)
             return None
@@ -386,12 +392,8 @@ class BotServer:
                 else:
                     self.publisher.event(self.keyspace.bot(conn.bot_id), "message", "control", data=message)
                 continue
-            try:
-                bot_id = handshake_bot_id(obj, route)
-            except BadRoute as exc:
-                raise self._bad_route(exc) from None
-            keys = self._bind(conn, bot_id) if conn.bot_id is None else self.keyspace.bot(bot_id)
-            conn.ready = True
+            keys = self._settle_handshake(conn, obj, route)
+            bot_id = keys.bot_id
             conn.outbox = Outbox(
                 self.settings.outbox_max_commands, bot_id, PlaybackConfig.from_settings(self.settings)
             )

@@ -102,28 +102,46 @@ async def _detect_cluster(url: str) -> bool:
         await probe.aclose()
 
 
+async def open_client(
+    url: str, cluster: str, *, max_connections: int, socket_timeout_s: float
+) -> tuple[Any, bool]:
+    """A pooled client for ``url`` (``cluster``: auto, yes or no), proven with PING.
+
+    Shared by the gateway and the worker SDK: one place knows how to tell a
+    Cluster from a single Redis and which timeouts to set.
+    """
+    is_cluster = await _detect_cluster(url) if cluster == "auto" else cluster == "yes"
+    common: dict[str, Any] = dict(
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        max_connections=max_connections,
+        decode_responses=False,
+    )
+    if is_cluster:
+        client: Any = RedisCluster.from_url(url, **common)
+        await client.initialize()
+    else:
+        client = aioredis.Redis.from_url(url, **common)
+    try:
+        await client.ping()
+    except BaseException:
+        await client.aclose()
+        raise
+    return client, is_cluster
+
+
 async def connect(settings: Settings, url: str, *, attempts: int = 10, delay_s: float = 0.5) -> RedisBackend:
     """Open the write client and prove it with PING, retrying with a log line per retry."""
     shown = redact_url(url)
     last: Exception | None = None
     for attempt in range(1, attempts + 1):
         try:
-            if settings.redis_cluster == "auto":
-                is_cluster = await _detect_cluster(url)
-            else:
-                is_cluster = settings.redis_cluster == "yes"
-            common: dict[str, Any] = dict(
-                socket_timeout=WRITE_SOCKET_TIMEOUT_S,
-                socket_connect_timeout=CONNECT_TIMEOUT_S,
+            client, is_cluster = await open_client(
+                url,
+                settings.redis_cluster,
                 max_connections=settings.redis_max_connections,
-                decode_responses=False,
+                socket_timeout_s=WRITE_SOCKET_TIMEOUT_S,
             )
-            if is_cluster:
-                client: Any = RedisCluster.from_url(url, **common)
-                await client.initialize()
-            else:
-                client = aioredis.Redis.from_url(url, **common)
-            await client.ping()
             backend = RedisBackend(client, url, is_cluster)
             backend.clock_offset_ms = await _clock_offset_ms(client, is_cluster)
             log.info(

@@ -13,25 +13,16 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
+
+from gateway.redis_conn import CONNECT_TIMEOUT_S, open_client
+from gateway.settings import redact_url
 
 log = logging.getLogger(__name__)
 
 ClusterMode = Literal["auto", "yes", "no"]
-CONNECT_TIMEOUT_S = 5.0
 SOCKET_TIMEOUT_S = 10.0
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password hidden (arq's RedisSettings shows it: a leak)."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0] if ":" in creds else ""
-    return f"{scheme}://{user}:***@{host}"
 
 
 @dataclass(frozen=True)
@@ -77,25 +68,12 @@ async def connect(settings: RedisSettings, *, attempts: int = 10, delay_s: float
     last: Exception | None = None
     for attempt in range(1, attempts + 1):
         try:
-            is_cluster = settings.cluster == "yes"
-            if settings.cluster == "auto":
-                probe = aioredis.Redis.from_url(settings.url, socket_connect_timeout=CONNECT_TIMEOUT_S)
-                try:
-                    is_cluster = bool((await probe.info("cluster")).get("cluster_enabled"))
-                finally:
-                    await probe.aclose()
-            common: dict[str, Any] = dict(
-                socket_timeout=SOCKET_TIMEOUT_S,
-                socket_connect_timeout=CONNECT_TIMEOUT_S,
+            client, is_cluster = await open_client(
+                settings.url,
+                settings.cluster,
                 max_connections=settings.max_connections,
-                decode_responses=False,
+                socket_timeout_s=SOCKET_TIMEOUT_S,
             )
-            if is_cluster:
-                client: Any = RedisCluster.from_url(settings.url, **common)
-                await client.initialize()
-            else:
-                client = aioredis.Redis.from_url(settings.url, **common)
-            await client.ping()
             log.info("redis connected", extra={"redis_url": shown, "cluster": is_cluster})
             return Connections(settings, client, is_cluster)
         except (RedisError, OSError) as exc:
