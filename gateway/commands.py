@@ -237,7 +237,10 @@ def validate_command(raw: dict[str, Any], bot_id: str, *, max_image_bytes: int =
             data = _decode_base64(fname, value, name)
             if not data:
                 raise CommandRejected("bad_field", f"{fname} is empty", name)
-            value = value if isinstance(value, str) else base64.b64encode(value).decode()
+            if isinstance(value, bytes) and name != "sendaudio":
+                # sendimg is sent as it is; sendaudio is re-chunked by the playback
+                # scheduler, so re-encoding a minute of raw audio would be wasted work.
+                value = base64.b64encode(value).decode()
         elif fspec.check is not None and (complaint := fspec.check(value)):
             raise CommandRejected("bad_field", f"{fname} {complaint}", name)
         payload[fname] = value

@@ -75,8 +75,13 @@ def test_sendmsg_sends_both_fields():
 def test_msgpack_with_raw_audio_bytes():
     packed = msgpack.packb({"command": "sendaudio", "audiochunk": PCM, "sample_rate": 48000})
     cmd = parse_command({b"msgpack": packed}, "bot_1")
-    assert cmd.payload["audiochunk"] == B64
     assert cmd.data == PCM
+
+
+def test_msgpack_raw_image_is_sent_as_base64():
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
+    cmd = parse_command({b"msgpack": msgpack.packb({"command": "sendimg", "img": png})}, "bot_1")
+    assert json.loads(cmd.to_json())["img"] == base64.b64encode(png).decode()
 
 
 @pytest.mark.parametrize(
