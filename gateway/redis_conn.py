@@ -102,14 +102,9 @@ async def _detect_cluster(url: str) -> bool:
         await probe.aclose()
 
 
-async def open_client(
-    url: str, cluster: str, *, max_connections: int, socket_timeout_s: float
+async def _open_once(
+    url: str, cluster: str, max_connections: int, socket_timeout_s: float
 ) -> tuple[Any, bool]:
-    """A pooled client for ``url`` (``cluster``: auto, yes or no), proven with PING.
-
-    Shared by the gateway and the worker SDK: one place knows how to tell a
-    Cluster from a single Redis and which timeouts to set.
-    """
     is_cluster = await _detect_cluster(url) if cluster == "auto" else cluster == "yes"
     common: dict[str, Any] = dict(
         socket_timeout=socket_timeout_s,
@@ -130,25 +125,28 @@ async def open_client(
     return client, is_cluster
 
 
-async def connect(settings: Settings, url: str, *, attempts: int = 10, delay_s: float = 0.5) -> RedisBackend:
-    """Open the write client and prove it with PING, retrying with a log line per retry."""
+async def open_client(
+    url: str,
+    cluster: str,
+    *,
+    max_connections: int,
+    socket_timeout_s: float,
+    attempts: int = 10,
+    delay_s: float = 0.5,
+) -> tuple[Any, bool]:
+    """A pooled client for ``url`` (``cluster``: auto, yes or no), proven with PING.
+
+    Retries with a log line per retry, as arq does, then raises
+    :class:`RedisUnavailable`. Shared by the gateway and the worker SDK: one place
+    knows how to tell a Cluster from a single Redis and which timeouts to set.
+    """
     shown = redact_url(url)
     last: Exception | None = None
     for attempt in range(1, attempts + 1):
         try:
-            client, is_cluster = await open_client(
-                url,
-                settings.redis_cluster,
-                max_connections=settings.redis_max_connections,
-                socket_timeout_s=WRITE_SOCKET_TIMEOUT_S,
-            )
-            backend = RedisBackend(client, url, is_cluster)
-            backend.clock_offset_ms = await _clock_offset_ms(client, is_cluster)
-            log.info(
-                "redis connected",
-                extra={"redis_url": shown, "cluster": is_cluster, "clock_offset_ms": backend.clock_offset_ms},
-            )
-            return backend
+            client, is_cluster = await _open_once(url, cluster, max_connections, socket_timeout_s)
+            log.info("redis connected", extra={"redis_url": shown, "cluster": is_cluster})
+            return client, is_cluster
         except (RedisError, OSError) as exc:
             last = exc
             log.warning(
@@ -157,6 +155,22 @@ async def connect(settings: Settings, url: str, *, attempts: int = 10, delay_s: 
             )
             await asyncio.sleep(min(delay_s * attempt, 5.0))
     raise RedisUnavailable(shown, attempts) from last
+
+
+async def connect(settings: Settings, url: str, *, attempts: int = 10, delay_s: float = 0.5) -> RedisBackend:
+    """Open the write client; measure Redis's clock against ours (command ages use it)."""
+    client, is_cluster = await open_client(
+        url,
+        settings.redis_cluster,
+        max_connections=settings.redis_max_connections,
+        socket_timeout_s=WRITE_SOCKET_TIMEOUT_S,
+        attempts=attempts,
+        delay_s=delay_s,
+    )
+    backend = RedisBackend(client, url, is_cluster)
+    backend.clock_offset_ms = await _clock_offset_ms(client, is_cluster)
+    log.info("redis clock offset measured", extra={"clock_offset_ms": backend.clock_offset_ms})
+    return backend
 
 
 async def _clock_offset_ms(client: Any, is_cluster: bool) -> int:

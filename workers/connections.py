@@ -7,14 +7,12 @@ back to the pool, where it would answer the next caller with stale data.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
-from redis.exceptions import RedisError
 
 from gateway.redis_conn import CONNECT_TIMEOUT_S, open_client
 from gateway.settings import redact_url
@@ -64,23 +62,12 @@ class Connections:
 
 async def connect(settings: RedisSettings, *, attempts: int = 10, delay_s: float = 0.5) -> Connections:
     """Open the shared pool and prove it with PING, one log line per retry (as arq)."""
-    shown = redact_url(settings.url)
-    last: Exception | None = None
-    for attempt in range(1, attempts + 1):
-        try:
-            client, is_cluster = await open_client(
-                settings.url,
-                settings.cluster,
-                max_connections=settings.max_connections,
-                socket_timeout_s=SOCKET_TIMEOUT_S,
-            )
-            log.info("redis connected", extra={"redis_url": shown, "cluster": is_cluster})
-            return Connections(settings, client, is_cluster)
-        except (RedisError, OSError) as exc:
-            last = exc
-            log.warning(
-                "redis not reachable, retrying",
-                extra={"redis_url": shown, "attempt": attempt, "of": attempts, "error": type(exc).__name__},
-            )
-            await asyncio.sleep(min(delay_s * attempt, 5.0))
-    raise ConnectionError(f"redis at {shown} not reachable after {attempts} attempts") from last
+    client, is_cluster = await open_client(
+        settings.url,
+        settings.cluster,
+        max_connections=settings.max_connections,
+        socket_timeout_s=SOCKET_TIMEOUT_S,
+        attempts=attempts,
+        delay_s=delay_s,
+    )
+    return Connections(settings, client, is_cluster)
