@@ -18,18 +18,24 @@ from pathlib import Path
 from typing import Any
 
 #: Frames on every stack of an asyncio program: not informative as "inclusive" rows.
-BOILERPLATE = (
-    "<module>",
-    "main (",
-    "run (",
+_ROOT_PREFIXES = ("<module>", "main (", "run (", "asyncio_run (")
+_ROOT_PARTS = (
     "_run_module_as_main",
     "_run_code",
     "Runner.run",
     "run_until_complete",
     "run_forever",
-    "BaseEventLoop._run_once",
+    "_run_once",
     "Handle._run",
+    "uvicorn/main.py",
+    "Server.run (",
+    "Server.serve (",
 )
+
+
+def is_boilerplate(function: str) -> bool:
+    return function.startswith(_ROOT_PREFIXES) or any(p in function for p in _ROOT_PARTS)
+
 
 _FRAME_RE = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 

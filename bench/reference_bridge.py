@@ -9,7 +9,8 @@ What a careful user adds, and nothing more:
 - one awaited ``XADD`` per audio frame, with the gateway's key names and fields (so both write the
   same data), trimmed with ``MAXLEN ~``;
 - one blocking ``XREAD`` per bot on the bot's command stream, each command's ``json`` field sent to
-  the bot as it is;
+  the bot as it is (BLOCK 2 s: redis-py 8's default 5 s socket timeout must not fire first, a trap
+  the first version of this bridge fell into, losing most commands after the first idle 5 s);
 - a Redis pool large enough for one waiting connection per bot;
 - the disconnect message of ``receive()`` ends the loop (the page's example would call
   ``receive()`` again and raise), and the command reader is cancelled with its socket.
@@ -33,6 +34,7 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from gateway.keys import KeySpace
 
@@ -115,7 +117,14 @@ def create_app(
         key = keyspace.bot(bot_id).commands
         last_id = "$"
         while True:
-            reply = await redis.xread({key: last_id}, block=5000, count=100)
+            # BLOCK stays below redis-py's 5 s default socket timeout, which would otherwise
+            # fire first and raise; a failed read is logged and retried, not fatal.
+            try:
+                reply = await redis.xread({key: last_id}, block=2000, count=100)
+            except RedisError:
+                log.exception("[%s] XREAD failed", bot_id)
+                await asyncio.sleep(0.1)
+                continue
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
                     last_id = entry_id

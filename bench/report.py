@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench.profile import is_boilerplate
+
 
 def _f(v: Any, spec: str = ".0f") -> str:
     if v is None:
@@ -81,6 +83,7 @@ def phase_table(phases: list[dict[str, Any]]) -> str:
                 _f(p["server_cores"], ".2f"),
                 _f(p["server_cpu_us_per_frame"], ".1f"),
                 _f(p["frames_per_cpu_s"]),
+                _f(p["bots"] / p["server_cores"]) if p["mode"] == "realtime" and p["server_cores"] else "-",
                 _f(p["redis_cpu_us_per_frame"], ".1f"),
                 _f(p["loadgen_cores"], ".2f") + " / " + _f(p["machine_busy_cores"], ".2f"),
                 "yes" if p["kept_up"] else "**no**",
@@ -99,6 +102,7 @@ def phase_table(phases: list[dict[str, Any]]) -> str:
             "server cores",
             "server CPU µs/frame",
             "frames/CPU-s",
+            "bots/core (bots ÷ server cores)",
             "Redis CPU µs/frame",
             "loadgen / machine cores",
             "kept up",
@@ -172,6 +176,7 @@ def overload_table(phases: list[dict[str, Any]]) -> str:
                 str(p["frames_lost"]),
                 closed,
                 dropped,
+                str(p.get("gateway_error_logs", "-")),
             ]
         )
     return table(
@@ -186,6 +191,7 @@ def overload_table(phases: list[dict[str, Any]]) -> str:
             "lost after the bot wrote them",
             "connections closed by the server",
             "gateway drops (counted)",
+            "gateway error log lines",
         ],
         rows,
     )
@@ -248,7 +254,7 @@ def profile_section(phases: list[dict[str, Any]], top: int = 15) -> str:
         ]
         incl = [
             [r["function"].replace("|", "\\|"), f"{r['share']:.1%}", f"{r['share'] * us:.1f}"]
-            for r in prof["inclusive"][:top]
+            for r in [r for r in prof["inclusive"] if not is_boilerplate(r["function"])][:top]
         ]
         files = [
             [r["file"], f"{r['share']:.1%}", f"{r['share'] * us:.1f}"] for r in prof["by_file_self"][:12]
@@ -296,7 +302,7 @@ def plot(result: dict[str, Any], path: Path, phase: str = "realtime-100ms") -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
     styles = {"gateway": ("tab:blue", "o"), "reference": ("tab:red", "s")}
     for target, (color, marker) in styles.items():
         rows = sorted(
@@ -328,6 +334,13 @@ def plot(result: dict[str, Any], path: Path, phase: str = "realtime-100ms") -> N
             label=f"{label} p50",
         )
         ax2.plot(bots, [p["server_cores"] for p in rows], marker=marker, color=color, label=label)
+        ax3.plot(
+            bots,
+            [p["redis_fps"] / p["intended_fps"] if p["intended_fps"] else 0 for p in rows],
+            marker=marker,
+            color=color,
+            label=label,
+        )
     ax1.set(
         xlabel="real-time bots (100 ms frames)",
         ylabel="command latency, ms (worker XADD → bot)",
@@ -339,7 +352,12 @@ def plot(result: dict[str, Any], path: Path, phase: str = "realtime-100ms") -> N
         ylabel="server CPU, cores (process CPU time / wall)",
         title="Server CPU",
     )
-    for ax in (ax1, ax2):
+    ax3.set(
+        xlabel="real-time bots (100 ms frames)",
+        ylabel="frames into Redis ÷ frames intended",
+        title="Keeping up (1.0 = all audio, on time)",
+    )
+    for ax in (ax1, ax2, ax3):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     meta = result["meta"]

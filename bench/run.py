@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -183,9 +184,18 @@ def git_meta() -> dict[str, Any]:
             ).stdout.strip()
         return ""
 
+    # The gateway code actually run (others may be editing the work tree): a hash of its sources.
+    import gateway
+
+    root = Path(gateway.__file__).parent
+    digest = hashlib.sha1()
+    for f in sorted(root.rglob("*.py")):
+        digest.update(f.read_bytes())
     return {
         "commit": git("rev-parse", "--short", "HEAD"),
         "gateway_dirty": bool(git("status", "--porcelain", "--", "gateway")),
+        "gateway_path": str(root),
+        "gateway_sources_sha1": digest.hexdigest()[:12],
     }
 
 
@@ -396,6 +406,12 @@ def run_phase(
         }
     )
     if ph.target == "gateway":
+        errors = [rec for rec in list(proc.logs) if rec.get("level") in ("error", "ERROR", "critical")]
+        out["gateway_error_logs"] = len(errors)
+        out["gateway_first_errors"] = [
+            {k: str(v)[:600] for k, v in rec.items() if k in ("msg", "logger", "exc", "error")}
+            for rec in errors[:3]
+        ]
         out["gateway_dropped"] = _dropped(g2)
         out["gateway_received_total"] = g2.get("audio_frames_received_total", 0.0)
         out["gateway_publish_buffer_bytes_at_window_end"] = g1.get("publish_buffer_bytes", 0.0)
