@@ -170,6 +170,11 @@ def main() -> None:
         port=args.port,
         log_level="warning",
         lifespan="on",
+        # What `pip install fastapi uvicorn websockets` gives: the asyncio loop, h11, websockets.
+        # (uvicorn would pick uvloop/httptools up if something else had installed them.)
+        loop="asyncio",
+        http="h11",
+        ws="websockets-sansio",
         ws_ping_interval=args.ws_ping_interval_s,
         ws_ping_timeout=args.ws_ping_timeout_s,
     )
