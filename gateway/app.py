@@ -92,6 +92,7 @@ class Gateway:
         self.publisher = Publisher(self.backend, self.keyspace, settings, self.metrics)
         self.publisher.start()
         self.bots = BotServer(settings, self.keyspace, self.metrics, self.backend, self.publisher)
+        self.bots.shedder.start()
         ping = settings.ws_ping_interval_s or None
         self.ws_server = await serve(
             self.bots.handler,
@@ -176,6 +177,7 @@ class Gateway:
                     await asyncio.wait_for(asyncio.shield(self.ws_server.wait_closed()), 15)
             if self.bots is not None:
                 await self.bots.reader.stop()
+                await self.bots.shedder.stop()
             for task in self._tasks:
                 task.cancel()
             for task in self._tasks:

@@ -26,6 +26,7 @@ from gateway.exceptions import BadRoute, CommandRejected, FrameError, MessageErr
 from gateway.keys import COMMAND_GROUP, BotKeys, KeySpace
 from gateway.logs import RateLimiter
 from gateway.metrics import Metrics
+from gateway.overload import LoadShedder
 from gateway.playback import Outgoing, PlaybackConfig
 from gateway.protocol import (
     BOT_SAMPLE_RATE,
@@ -97,6 +98,7 @@ class BotServer:
         self.registry = SessionRegistry()
         self.reader = CommandReader(backend, keyspace, settings, metrics, self._deliver, self._evicted)
         self.draining = False
+        self.shedder = LoadShedder(settings.overload_lag_s, metrics)
         self._log_limit = RateLimiter(burst=5, interval_s=10.0)
         self._max_age_ms = int(settings.command_max_age_s * 1000)
         self._background: set[asyncio.Task[Any]] = set()
@@ -107,7 +109,7 @@ class BotServer:
     # -- HTTP, before the upgrade ---------------------------------------------
 
     def is_ready(self) -> bool:
-        return self.publisher.healthy and not self.draining
+        return self.publisher.healthy and not self.draining and not self.shedder.overloaded
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """Answer probes, and refuse what must not be upgraded: before any WebSocket exists."""
@@ -324,14 +326,26 @@ class BotServer:
         keys = self.keyspace.bot(conn.bot_id)
         clock = asyncio.get_running_loop().time
         over_rate = self._over_rate
+        shedder = self.shedder
+        shed = metrics.dropped.labels("overload")
         # Cancelling this loop loses nothing accepted: each frame is handed to the
-        # publisher synchronously, before the next await.
+        # publisher synchronously, before the next await. A frame dropped by policy
+        # (rate, overload) still takes a seq number: workers see the gap.
         async for message in ws:
             now = conn.last_rx = clock()
             if over_rate(conn, now):
                 self._drop(conn, "rate_limited")
+                seq += isinstance(message, bytes)
                 continue
             if isinstance(message, bytes):
+                if shedder.ratio:
+                    # Overloaded: shed before any decoding, evenly across connections.
+                    conn.shed_acc += shedder.ratio
+                    if conn.shed_acc >= 1.0:
+                        conn.shed_acc -= 1.0
+                        shed.inc()
+                        seq += 1
+                        continue
                 try:
                     frame = parse_audio_frame(message)
                 except FrameError as exc:

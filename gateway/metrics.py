@@ -28,6 +28,7 @@ DROP_REASONS = (
     "redis_error",
     "rate_limited",
     "too_large",
+    "overload",
 )
 PUBLISH_KINDS = ("audio", "event")
 REDIS_OPS = ("publish", "read_commands", "ack", "claim", "expire", "ping")
@@ -140,6 +141,14 @@ class Metrics:
             f"{NS}_redis_errors_total", "Redis operations that failed", ["op"], registry=r
         )
         self.redis_up = Gauge(f"{NS}_redis_up", "1 when the last Redis round trip succeeded", registry=r)
+        self.loop_lag = Gauge(
+            f"{NS}_event_loop_lag_seconds", "How late the event loop ran a 50 ms timer, last tick", registry=r
+        )
+        self.shed_ratio = Gauge(
+            f"{NS}_overload_shed_ratio",
+            "Share of incoming audio shed because the process is overloaded",
+            registry=r,
+        )
         self.ready = Gauge(f"{NS}_ready", "1 when ready for new bots (Redis up, not draining)", registry=r)
         self.log_suppressed = Counter(
             f"{NS}_log_lines_suppressed_total", "Log lines dropped by rate limiting", registry=r

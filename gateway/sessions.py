@@ -94,6 +94,7 @@ class BotConnection:
     watchdog: asyncio.TimerHandle | None = None
     window_start: float = 0.0
     window_count: int = 0
+    shed_acc: float = 0.0  # overload shedding: drop a frame each time this passes 1
 
 
 @dataclass(eq=False)

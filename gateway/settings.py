@@ -59,6 +59,9 @@ class Settings:
         0.0, "Close a connection silent this long (0: off; pings already catch dead peers)"
     )
     send_timeout_s: float = _opt(10.0, "Close a bot that does not take a command within this time")
+    overload_lag_s: float = _opt(
+        0.25, "Event-loop lag that means overload: shed audio, report not-ready (0 disables)"
+    )
     ws_close_timeout_s: float = _opt(
         5.0, "Wait this long for a bot to answer a close, then drop the TCP connection"
     )
