@@ -83,7 +83,10 @@ def phase_table(phases: list[dict[str, Any]]) -> str:
                 _f(p["server_cores"], ".2f"),
                 _f(p["server_cpu_us_per_frame"], ".1f"),
                 _f(p["frames_per_cpu_s"]),
-                _f(p["bots"] / p["server_cores"]) if p["mode"] == "realtime" and p["server_cores"] else "-",
+                # Only where the server kept up: a saturated server's bots/core is not a capacity.
+                _f(p["bots"] / p["server_cores"])
+                if p["mode"] == "realtime" and p["server_cores"] and p["kept_up"]
+                else "-",
                 _f(p["redis_cpu_us_per_frame"], ".1f"),
                 _f(p["loadgen_cores"], ".2f") + " / " + _f(p["machine_busy_cores"], ".2f"),
                 "yes" if p["kept_up"] else "**no**",
@@ -260,7 +263,7 @@ def profile_section(phases: list[dict[str, Any]], top: int = 15) -> str:
             [r["file"], f"{r['share']:.1%}", f"{r['share'] * us:.1f}"] for r in prof["by_file_self"][:12]
         ]
         out.append(
-            f"{head} ({prof['samples']} samples, {us:.1f} µs CPU per frame)\n\n"
+            f"{head} ({prof['samples']} samples, {us:.1f} µs CPU per frame written to Redis)\n\n"
             f"Self time (innermost frame):\n\n{table(['function', 'share', 'µs/frame'], rows)}\n\n"
             f"Inclusive (anywhere on the stack):\n\n{table(['function', 'share', 'µs/frame'], incl)}\n\n"
             f"Self time by file:\n\n{table(['file', 'share', 'µs/frame'], files)}"
