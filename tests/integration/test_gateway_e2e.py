@@ -368,11 +368,16 @@ async def test_redis_connections_do_not_grow_with_bots(gateway, redis_client):
     for bot in bots:
         assert (await bot.next_command(timeout=10, after=0))["message"] == bot.bot_id
     with_bots = await clients()
+    readers = gateway.bots.reader.connections
     for bot in bots:
         await bot.close()
-    # One dedicated reader connection (single Redis: one slot group) plus the bounded write pool.
-    assert gateway.bots.reader.connections == 1
-    assert with_bots - baseline <= gateway.settings.redis_max_connections + 1
+    # One reader connection per command shard with bots (60 bots span all 16), one raw
+    # connection for the publisher, and the bounded pool: a constant, whatever the bot count.
+    shards = {gateway.keyspace.bot(b.bot_id).shard for b in bots}
+    assert readers == len(shards) <= gateway.settings.command_shards
+    assert (
+        with_bots - baseline <= gateway.settings.redis_max_connections + 1 + gateway.settings.command_shards
+    )
 
 
 async def test_probes_and_metrics_endpoint(gateway):
