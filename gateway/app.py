@@ -29,6 +29,7 @@ from gateway.metrics import Metrics
 from gateway.probes import ProbeServer
 from gateway.publisher import Publisher
 from gateway.redis_conn import RedisBackend, connect
+from gateway.sessions import BotWebSocket
 from gateway.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class Gateway:
             ping_timeout=settings.ws_ping_timeout_s if ping else None,
             close_timeout=settings.ws_close_timeout_s,
             logger=logging.getLogger("websockets.server"),
+            create_connection=BotWebSocket,
         )
         if settings.metrics_port:
             self.probes = ProbeServer(

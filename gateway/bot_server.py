@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import http
 import logging
+import time
 import weakref
 from typing import Any
 
@@ -40,7 +41,7 @@ from gateway.protocol import (
 )
 from gateway.publisher import Publisher
 from gateway.redis_conn import RedisBackend
-from gateway.sessions import BotConnection, Outbox, SessionRegistry
+from gateway.sessions import BotConnection, BotWebSocket, Outbox, SessionRegistry
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ class BotServer:
         self.reader = CommandReader(backend, keyspace, settings, metrics, self._deliver, self._evicted)
         self.draining = False
         self.shedder = LoadShedder(settings.overload_lag_s, metrics)
+        self._clock = time.monotonic  # the event loop's clock, without a lookup per frame
+        self._audio_in = metrics.audio_in
+        self._shed = metrics.dropped.labels("overload")
         self._log_limit = RateLimiter(burst=5, interval_s=10.0)
         self._max_age_ms = int(settings.command_max_age_s * 1000)
         self._background: set[asyncio.Task[Any]] = set()
@@ -256,10 +260,10 @@ class BotServer:
         frame costs one attribute write, not a timer reschedule."""
         loop = asyncio.get_running_loop()
         idle_s = self.settings.idle_timeout_s
-        conn.last_rx = loop.time()
+        conn.last_rx = self._clock()
 
         def check() -> None:
-            if loop.time() - conn.last_rx > idle_s:
+            if self._clock() - conn.last_rx > idle_s:
                 conn.close_reason = "idle"
                 self._spawn(self._close(conn.ws, CLOSE_IDLE, "idle timeout"))
             else:
@@ -317,48 +321,55 @@ class BotServer:
                 self._drop(conn, "before_handshake")
                 continue
             self._audio_text(conn, route, message)
-        seq = 0
-        metrics = self.metrics
-        frames_received = metrics.frames_received
-        bytes_received = metrics.bytes_received
-        publish = self.publisher.audio
-        conn_b = conn.conn_id.encode()
-        keys = self.keyspace.bot(conn.bot_id)
-        clock = asyncio.get_running_loop().time
-        over_rate = self._over_rate
-        shedder = self.shedder
-        shed = metrics.dropped.labels("overload")
-        # Cancelling this loop loses nothing accepted: each frame is handed to the
-        # publisher synchronously, before the next await. A frame dropped by policy
-        # (rate, overload) still takes a seq number: workers see the gap.
+        conn.audio_keys = self.keyspace.bot(conn.bot_id)
+        conn.conn_b = conn.conn_id.encode()
+
+        def on_binary(data: bytes) -> None:
+            self._audio_message(conn, route, data)
+
+        if isinstance(ws, BotWebSocket):
+            ws.on_binary = on_binary
+        # Cancelling this loop loses nothing accepted: each message is handed to the
+        # publisher synchronously, before the next await. Most binary frames do not
+        # even come through here (see BotWebSocket); text frames always do.
         async for message in ws:
-            now = conn.last_rx = clock()
-            if over_rate(conn, now):
-                self._drop(conn, "rate_limited")
-                seq += isinstance(message, bytes)
-                continue
-            if isinstance(message, bytes):
-                if shedder.ratio:
-                    # Overloaded: shed before any decoding, evenly across connections.
-                    conn.shed_acc += shedder.ratio
-                    if conn.shed_acc >= 1.0:
-                        conn.shed_acc -= 1.0
-                        shed.inc()
-                        seq += 1
-                        continue
-                try:
-                    frame = parse_audio_frame(message)
-                except FrameError as exc:
-                    self._drop(conn, exc.reason, exc.detail)
-                    continue
-            else:
-                frame = self._audio_text(conn, route, message)
-                if frame is None:
-                    continue
-            frames_received.inc()
-            bytes_received.inc(len(frame.pcm))
-            publish(keys, frame, seq, conn_b)
-            seq += 1
+            self._audio_message(conn, route, message)
+
+    def _audio_message(self, conn: BotConnection, route: Route, message: str | bytes) -> None:
+        """One message on a bound audio channel: the hot path, run for every frame.
+
+        A frame dropped by policy (rate, overload) still takes a seq number, so
+        workers see the gap.
+        """
+        now = conn.last_rx = self._clock()
+        if self._over_rate(conn, now):
+            self._drop(conn, "rate_limited")
+            conn.seq += isinstance(message, bytes)
+            return
+        if isinstance(message, bytes):
+            ratio = self.shedder.ratio
+            if ratio:
+                # Overloaded: shed before any decoding, evenly across connections.
+                conn.shed_acc += ratio
+                if conn.shed_acc >= 1.0:
+                    conn.shed_acc -= 1.0
+                    self._shed.inc()
+                    conn.seq += 1
+                    return
+            try:
+                frame = parse_audio_frame(message)
+            except FrameError as exc:
+                self._drop(conn, exc.reason, exc.detail)
+                return
+        else:
+            frame = self._audio_text(conn, route, message)
+            if frame is None:
+                return
+        audio_in = self._audio_in
+        audio_in.frames += 1
+        audio_in.bytes += len(frame.pcm)
+        self.publisher.audio(conn.audio_keys, frame, conn.seq, conn.conn_b)  # type: ignore[arg-type]
+        conn.seq += 1
 
     def _audio_text(self, conn: BotConnection, route: Route, text: str):  # type: ignore[no-untyped-def]
         """A text frame on the audio channel: the handshake, a legacy PCMChunk, or a message."""
@@ -417,7 +428,7 @@ class BotServer:
             await self.reader.add(keys)
 
         keys = self.keyspace.bot(conn.bot_id)  # type: ignore[arg-type]
-        clock = asyncio.get_running_loop().time
+        clock = self._clock
         async for message in ws:
             now = conn.last_rx = clock()
             if self._over_rate(conn, now):

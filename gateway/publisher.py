@@ -210,6 +210,9 @@ class Publisher:
     async def _run(self) -> None:
         backoff_s = 0.05
         batch: list[_Op] = []
+        loop = asyncio.get_running_loop()
+        interval_s = self.settings.publish_interval_ms / 1000
+        last_flush = 0.0
         while True:
             if not batch:
                 if not self.pending:
@@ -221,6 +224,12 @@ class Publisher:
                     await self._wakeup.wait()
                     continue
                 self._idle.clear()
+                # Let a few frames pile up between round trips: each write to Redis
+                # costs a syscall and a reply parse whether it carries 2 frames or 200.
+                wait_s = last_flush + interval_s - loop.time()
+                if wait_s > 0 and not self._closing and len(self._audio) < self.settings.publish_batch_max:
+                    await asyncio.sleep(wait_s)
+                last_flush = loop.time()
                 batch = self._take_batch()
             try:
                 await self._send(batch)

@@ -10,15 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from websockets.asyncio.server import ServerConnection
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Event
 
 from gateway.commands import Command
 from gateway.keys import BotKeys
 from gateway.playback import PlaybackConfig, PlaybackScheduler
 from gateway.protocol import Channel
+
+log = logging.getLogger(__name__)
 
 _conn_counter = itertools.count()
 
@@ -26,6 +32,35 @@ _conn_counter = itertools.count()
 def new_conn_id() -> str:
     """Short, unique per process run: tells reconnects apart in the audio stream."""
     return f"{uuid.uuid4().hex[:8]}{next(_conn_counter):x}"
+
+
+class BotWebSocket(ServerConnection):
+    """A server connection that hands complete binary frames straight to ``on_binary``.
+
+    websockets queues every message and wakes the handler task for each; at tens
+    of thousands of audio frames a second that wake-up is most of the cost. Once
+    an audio channel is bound, a complete binary frame that arrives while nothing
+    is queued ahead of it is processed right here, in ``data_received`` (order is
+    kept: anything else, and anything behind a queued message, takes the queue).
+    """
+
+    on_binary: Callable[[bytes], None] | None = None
+
+    def process_event(self, event: Event) -> None:
+        on_binary = self.on_binary
+        if (
+            on_binary is not None
+            and isinstance(event, Frame)
+            and event.opcode is Opcode.BINARY
+            and event.fin
+            and not len(self.recv_messages.frames)
+        ):
+            try:
+                on_binary(bytes(event.data))
+            except Exception:
+                log.exception("audio frame handler failed")
+            return
+        super().process_event(event)
 
 
 class Outbox:
@@ -95,6 +130,10 @@ class BotConnection:
     window_start: float = 0.0
     window_count: int = 0
     shed_acc: float = 0.0  # overload shedding: drop a frame each time this passes 1
+    # Audio channel: where frames go, and their counter on this connection.
+    audio_keys: BotKeys | None = None
+    conn_b: bytes = b""
+    seq: int = 0
 
 
 @dataclass(eq=False)

@@ -101,6 +101,9 @@ class Settings:
         64 << 20, "Audio and events held for Redis; beyond it the oldest audio is dropped"
     )
     publish_batch_max: int = _opt(2000, "Most stream entries sent in one pipeline")
+    publish_interval_ms: float = _opt(
+        2.0, "Least time between two pipelines: frames wait at most this long to share a round trip"
+    )
     # Logging and identity
     event_loop: EventLoop = _opt("auto", "asyncio event loop: uvloop when installed (auto), or force one")
     log_level: LogLevel = _opt("info", "Log level")
