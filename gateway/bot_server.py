@@ -52,6 +52,9 @@ CLOSE_HANDSHAKE_TIMEOUT = 4408
 CLOSE_REPLACED = 4409
 CLOSE_SERVICE_RESTART = 1012
 CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN = 1013
+SETUP_ATTEMPTS = 3
 CLOSE_FORBIDDEN = 4403
 CLOSE_IDLE = 4410
 CLOSE_TOO_SLOW = 4429
@@ -61,6 +64,8 @@ _CLOSE_CODE_REASONS = {
     CLOSE_REPLACED: "replaced",
     CLOSE_SERVICE_RESTART: "shutdown",
     CLOSE_MESSAGE_TOO_BIG: "message_too_big",
+    CLOSE_INTERNAL_ERROR: "error",
+    CLOSE_TRY_AGAIN: "error",
     CLOSE_IDLE: "idle",
     CLOSE_TOO_SLOW: "too_slow",
 }
@@ -100,6 +105,8 @@ class BotServer:
         self.reader = CommandReader(backend, keyspace, settings, metrics, self._deliver, self._evicted)
         self.draining = False
         self.shedder = LoadShedder(settings.overload_lag_s, metrics)
+        # Leave a few pooled connections for the health check and wake-ups.
+        self._setup_gate = asyncio.Semaphore(max(1, settings.redis_max_connections - 4))
         self._clock = time.monotonic  # the event loop's clock, without a lookup per frame
         self._audio_in = metrics.audio_in
         self._shed = metrics.dropped.labels("overload")
@@ -423,9 +430,7 @@ class BotServer:
                 self.settings.outbox_max_commands, bot_id, PlaybackConfig.from_settings(self.settings)
             )
             self.publisher.event(keys, "ready", "control", data=message, conn=conn.conn_id)
-            await self._take_ownership(conn, keys)
-            conn.sender = asyncio.create_task(self._send_commands(conn, keys), name=f"send-{bot_id}")
-            await self.reader.add(keys)
+            await self._start_delivery(conn, keys)
 
         keys = self.keyspace.bot(conn.bot_id)  # type: ignore[arg-type]
         clock = self._clock
@@ -605,16 +610,38 @@ class BotServer:
 
     # -- housekeeping -------------------------------------------------------------
 
+    async def _start_delivery(self, conn: BotConnection, keys: BotKeys) -> None:
+        """Take the bot over and start reading its commands, within a bounded number of
+        concurrent setups (a reconnect storm must queue here, not exhaust the pool).
+
+        Redis trouble is retried; if it persists, the bot is asked to come back
+        later (1013), never left connected without command delivery.
+        """
+        for attempt in range(1, SETUP_ATTEMPTS + 1):
+            try:
+                async with self._setup_gate:
+                    await self._take_ownership(conn, keys)
+                    if conn.sender is None:
+                        conn.sender = asyncio.create_task(
+                            self._send_commands(conn, keys), name=f"send-{keys.bot_id}"
+                        )
+                    await self.reader.add(keys)
+                return
+            except (RedisError, OSError) as exc:
+                log.warning(
+                    "command delivery setup failed",
+                    extra={"bot_id": keys.bot_id, "attempt": attempt, "error": repr(exc)},
+                )
+                await asyncio.sleep(0.2 * attempt)
+        raise _CloseWith(CLOSE_TRY_AGAIN, "error", "try again later")
+
     async def _take_ownership(self, conn: BotConnection, keys: BotKeys) -> None:
         """Record this connection as the bot's owner; evict the previous one on another gateway."""
         owner_key = self.keyspace.owner(keys.bot_id)
         token = f"{self.settings.gateway_id}/{conn.conn_id}"
         conn.owner = (owner_key, token)
-        try:
-            previous = await self.backend.client.set(owner_key, token, ex=self.settings.key_ttl_s, get=True)
-        except RedisError as exc:
-            log.warning("could not record bot owner", extra={"bot_id": keys.bot_id, "error": repr(exc)})
-            return
+        # Failing here is retried by the caller: delivery must not start unowned.
+        previous = await self.backend.client.set(owner_key, token, ex=self.settings.key_ttl_s, get=True)
         if not previous:
             return
         prev_gateway, _, prev_conn = previous.decode().partition("/")

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # Kubernetes gives up on us, and blocking reads get their own, longer timeout.
 WRITE_SOCKET_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
+POOL_WAIT_S = 10.0
 
 Client = aioredis.Redis | RedisCluster
 
@@ -116,7 +117,9 @@ async def _open_once(
         client: Any = RedisCluster.from_url(url, **common)
         await client.initialize()
     else:
-        client = aioredis.Redis.from_url(url, **common)
+        # A burst of bots arriving at once must wait for a pooled connection, not fail.
+        pool = aioredis.BlockingConnectionPool.from_url(url, timeout=POOL_WAIT_S, **common)
+        client = aioredis.Redis.from_pool(pool)
     try:
         await client.ping()
     except BaseException:

@@ -440,3 +440,23 @@ async def test_text_in_the_middle_of_audio_is_an_event_and_audio_goes_on(gateway
     assert messages[0]["data"] == '{"type": "speaker_changed", "speakerName": "Grace"}'
     entries = [f for _, f in await redis_client.xrange(keys.audio)]
     assert [e[b"seq"] for e in entries] == [b"0", b"1"]
+
+
+async def test_a_reconnect_storm_queues_for_setup_instead_of_failing(redis_url, redis_client):
+    """150 bots become ready at once through a pool of 4 Redis connections: every one
+    gets command delivery, none is closed (the benchmark once saw 1011s here)."""
+    async with running_gateway(redis_url, redis_max_connections=4) as gw:
+        bots = [SimulatedBot(ws_url(gw), f"storm-{i}", record_sent=False) for i in range(150)]
+        await asyncio.gather(*(bot.connect_control() for bot in bots))
+        for bot in bots:
+            keys = gw.keyspace.bot(bot.bot_id)
+            await redis_client.xadd(
+                keys.commands, {"json": json.dumps({"command": "sendmsg", "message": bot.bot_id})}
+            )
+        for bot in bots:
+            assert (await bot.next_command(timeout=20, after=0))["message"] == bot.bot_id
+        assert all(bot.control.close_code is None for bot in bots)
+        assert not gw.metrics.registry.get_sample_value(
+            "meetstream_gateway_connections_closed_total", {"channel": "control", "reason": "error"}
+        )
+        await asyncio.gather(*(bot.close() for bot in bots))
