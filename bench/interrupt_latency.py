@@ -122,8 +122,12 @@ async def bench(n_bots: int, rounds: int, gw_url: str, redis_url: str, metrics_u
     t = np.arange(int(RATE_IN * UTTERANCE_S)) / RATE_IN
     pcm = (np.sin(2 * np.pi * 220 * t) * 0.3 * 32767).astype("<i2").tobytes()
     bots = [
-        SimulatedBot(gw_url, f"bench-{n_bots}-{i}", record_sent=False,
-                     playback=PlaybackModel(honours_interrupt=False, keep_samples=False))
+        SimulatedBot(
+            gw_url,
+            f"bench-{n_bots}-{i}",
+            record_sent=False,
+            playback=PlaybackModel(honours_interrupt=False, keep_samples=False),
+        )
         for i in range(n_bots)
     ]
     for bot in bots:
@@ -190,10 +194,30 @@ def main(args: argparse.Namespace) -> None:
     port, metrics_port = free_port(), free_port()
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     gw = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "run", "--host", "127.0.0.1", "--port", str(port),
-         "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port), "--redis-url", redis_server.url,
-         "--log-level", "warning", "--log-format", "text", "--command-block-ms", "1000",
-         "--playback-lead-ms", str(args.lead_ms)],
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "run",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-port",
+            str(metrics_port),
+            "--redis-url",
+            redis_server.url,
+            "--log-level",
+            "warning",
+            "--log-format",
+            "text",
+            "--command-block-ms",
+            "1000",
+            "--playback-lead-ms",
+            str(args.lead_ms),
+        ],
         env=env,
     )
     try:
