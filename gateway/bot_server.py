@@ -107,6 +107,7 @@ class BotServer:
         self.shedder = LoadShedder(settings.overload_lag_s, metrics)
         # Leave a few pooled connections for the health check and wake-ups.
         self._setup_gate = asyncio.Semaphore(max(1, settings.redis_max_connections - 4))
+        publisher.on_backlog = self._pause_audio
         self._clock = time.monotonic  # the event loop's clock, without a lookup per frame
         self._audio_in = metrics.audio_in
         self._shed = metrics.dropped.labels("overload")
@@ -677,6 +678,19 @@ class BotServer:
                 await ws.close(code, reason)
         except TimeoutError:
             ws.transport.abort()
+
+    def _pause_audio(self, pause: bool) -> None:
+        """Backpressure from the publisher: stop or resume reading every audio socket."""
+        for session in self.registry:
+            conn = session.audio
+            if conn is None:
+                continue
+            transport = conn.ws.transport
+            with contextlib.suppress(Exception):  # a transport may be closing
+                if pause:
+                    transport.pause_reading()
+                else:
+                    transport.resume_reading()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -159,6 +159,11 @@ class Metrics:
             f"{NS}_redis_errors_total", "Redis operations that failed", ["op"], registry=r
         )
         self.redis_up = Gauge(f"{NS}_redis_up", "1 when the last Redis round trip succeeded", registry=r)
+        self.backpressure = Counter(
+            f"{NS}_publish_backpressure_total",
+            "Times audio sockets stopped being read because Redis writes fell behind",
+            registry=r,
+        )
         self.loop_lag = Gauge(
             f"{NS}_event_loop_lag_seconds", "How late the event loop ran a 50 ms timer, last tick", registry=r
         )

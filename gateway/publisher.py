@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +94,10 @@ class Publisher:
         self._closing = False
         self.healthy = True
         self._audio_encoder = AudioEncoder(settings.audio_maxlen, BOT_SAMPLE_RATE)
+        # Backpressure: past this much unsent audio, audio sockets stop being read.
+        self._high_water = min(settings.publish_backpressure_bytes, settings.publish_buffer_bytes // 2)
+        self.backlogged = False
+        self.on_backlog: Callable[[bool], None] | None = None
         self._raw: dict[tuple[str, int] | None, RawConnection] = {}
         self._maxlen_events = str(settings.events_maxlen).encode()
         self._maxlen_global = str(settings.global_events_maxlen).encode()
@@ -108,9 +112,25 @@ class Publisher:
         self._seq += 1
         self._audio.append(_Op(self._seq, "audio", keys.audio, payload, size))
         self._audio_bytes += size
+        if self._audio_bytes > self._high_water and not self.backlogged and self.healthy:
+            self._set_backlogged(True)
         if self._audio_bytes > self.settings.publish_buffer_bytes:
             self._shed_audio()
         self._wakeup.set()
+
+    def _set_backlogged(self, on: bool) -> None:
+        """Ask the bot side to stop (or resume) reading audio sockets.
+
+        Only while Redis is healthy: then a backlog means frames arrive faster than
+        Redis round trips take them, and TCP should push back on the senders. While
+        Redis is away, sockets keep being read (a paused socket misses its keepalive
+        pongs and dies) and the buffer budget decides what is kept.
+        """
+        self.backlogged = on
+        if on:
+            self.metrics.backpressure.inc()
+        if self.on_backlog is not None:
+            self.on_backlog(on)
 
     def event(
         self,
@@ -253,6 +273,8 @@ class Publisher:
             self._set_health(True)
             backoff_s = 0.05
             batch = []
+            if self.backlogged and self._audio_bytes < self._high_water // 4:
+                self._set_backlogged(False)
 
     def _requeue_for_budget(self, batch: list[_Op]) -> None:
         """While we retry, audio keeps arriving: keep the whole backlog in budget."""
@@ -350,6 +372,8 @@ class Publisher:
             self.metrics.published.labels("event").inc(events)
 
     def _set_health(self, ok: bool) -> None:
+        if not ok and self.backlogged:
+            self._set_backlogged(False)  # Redis is away: keep reading (see _set_backlogged)
         if ok != self.healthy:
             self.healthy = ok
             log.info("redis writes %s", "resumed" if ok else "failing")

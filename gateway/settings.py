@@ -101,6 +101,9 @@ class Settings:
         64 << 20, "Audio and events held for Redis; beyond it the oldest audio is dropped"
     )
     publish_batch_max: int = _opt(2000, "Most stream entries sent in one pipeline")
+    publish_backpressure_bytes: int = _opt(
+        8 << 20, "Unsent audio past which audio sockets stop being read until Redis catches up"
+    )
     publish_interval_ms: float = _opt(
         2.0, "Least time between two pipelines: frames wait at most this long to share a round trip"
     )
@@ -133,6 +136,7 @@ class Settings:
             "max_frames_per_s",
             "max_connections",
             "send_timeout_s",
+            "publish_backpressure_bytes",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")

@@ -57,3 +57,34 @@ async def test_hogged_loop_sheds_audio_keeps_bots_and_accounts_for_every_frame(r
         assert bot.audio.close_code is None and bot.control.close_code is None
         await eventually(lambda: gw.bots.shedder.ratio == 0 and gw.is_ready(), 10)
         await bot.close()
+
+
+async def test_flood_meets_tcp_backpressure_not_loss(redis_url, redis_client):
+    """A bot that sends as fast as it can: once unsent audio passes the high-water mark,
+    audio sockets stop being read until Redis catches up. The sender is slowed down
+    by TCP, and every frame it managed to send is stored: none is dropped."""
+    async with running_gateway(
+        redis_url, publish_backpressure_bytes=64 * 1024, max_frames_per_s=1_000_000, audio_maxlen=100_000
+    ) as gw:
+        bot = SimulatedBot(ws_url(gw), "bot_flood", record_sent=False)
+        await bot.connect_audio()
+        frame = AudioFrame("s", "Ada", b"\x01\x00" * 960)
+        sent = 0
+        started = time.monotonic()
+        while time.monotonic() - started < 2.0:
+            await bot.send_frame(frame)
+            sent += 1
+        keys = gw.keyspace.bot("bot_flood")
+        await eventually(lambda: _stored(redis_client, keys.audio, sent), 20)
+        registry = gw.metrics.registry
+        assert registry.get_sample_value("meetstream_gateway_publish_backpressure_total") > 0
+        dropped = sum(
+            registry.get_sample_value("meetstream_gateway_frames_dropped_total", {"reason": r}) or 0
+            for r in ("buffer_full", "overload", "rate_limited")
+        )
+        assert dropped == 0
+        await bot.close()
+
+
+async def _stored(client, key, n):
+    return await client.xlen(key) == n
