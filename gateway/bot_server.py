@@ -55,6 +55,7 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN = 1013
 SETUP_ATTEMPTS = 3
+RATE_BURST_S = 2.0
 CLOSE_FORBIDDEN = 4403
 CLOSE_IDLE = 4410
 CLOSE_TOO_SLOW = 4429
@@ -280,12 +281,19 @@ class BotServer:
         conn.watchdog = loop.call_later(idle_s / 2, check)
 
     def _over_rate(self, conn: BotConnection, now: float) -> bool:
-        """A fixed one-second window per connection: cheap enough for every frame."""
-        if now - conn.window_start >= 1.0:
-            conn.window_start = now
-            conn.window_count = 0
-        conn.window_count += 1
-        return conn.window_count > self.settings.max_frames_per_s
+        """A token bucket per connection holding ``RATE_BURST_S`` seconds of messages.
+
+        The burst matters: after backpressure (or a network hiccup) a healthy bot's
+        frames arrive in a catch-up burst, and that is not abuse.
+        """
+        rate = self.settings.max_frames_per_s
+        tokens = min(rate * RATE_BURST_S, conn.tokens + (now - conn.tokens_at) * rate)
+        conn.tokens_at = now
+        if tokens < 1.0:
+            conn.tokens = tokens
+            return True
+        conn.tokens = tokens - 1.0
+        return False
 
     def _drop(self, conn: BotConnection, reason: str, detail: str = "") -> None:
         self.metrics.dropped.labels(reason).inc()

@@ -124,11 +124,11 @@ class BotConnection:
     owner: tuple[str, str] | None = None
     evicted_by: str | None = None  # the gateway that took this bot over, to hand leftovers to
     close_reason: str | None = None  # set when the gateway decides to close (metric label)
-    # Bounds: last receive time (idle watchdog) and a one-second rate window.
+    # Bounds: last receive time (idle watchdog) and a token bucket for the message rate.
     last_rx: float = 0.0
     watchdog: asyncio.TimerHandle | None = None
-    window_start: float = 0.0
-    window_count: int = 0
+    tokens: float = float("inf")  # rate limit bucket (starts full; capped on first use)
+    tokens_at: float = 0.0
     shed_acc: float = 0.0  # overload shedding: drop a frame each time this passes 1
     # Audio channel: where frames go, and their counter on this connection.
     audio_keys: BotKeys | None = None
