@@ -94,7 +94,6 @@ class Gateway:
         self.publisher.start()
         self.bots = BotServer(settings, self.keyspace, self.metrics, self.backend, self.publisher)
         self.bots.shedder.start()
-        ping = settings.ws_ping_interval_s or None
         self.ws_server = await serve(
             self.bots.handler,
             settings.host,
@@ -102,8 +101,10 @@ class Gateway:
             process_request=self.bots.process_request,
             compression=None,  # PCM gains nothing from permessage-deflate
             max_size=settings.ws_max_message_bytes,
-            ping_interval=ping,
-            ping_timeout=settings.ws_ping_timeout_s if ping else None,
+            # Keepalive is ours (BotServer.keepalive): websockets' would close a socket
+            # whose pong sits behind unread audio, though the audio proves it alive.
+            ping_interval=None,
+            ping_timeout=None,
             close_timeout=settings.ws_close_timeout_s,
             logger=logging.getLogger("websockets.server"),
             create_connection=BotWebSocket,
@@ -117,6 +118,8 @@ class Gateway:
             asyncio.create_task(self._watch_redis(), name="redis-health"),
             asyncio.create_task(self._refresh_expiry(), name="key-expiry"),
         ]
+        if settings.ws_ping_interval_s > 0:
+            self._tasks.append(asyncio.create_task(self.bots.keepalive(), name="keepalive"))
         self.metrics.ready.set(1)
         log.info(
             "gateway listening",

@@ -56,6 +56,7 @@ CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN = 1013
 SETUP_ATTEMPTS = 3
 RATE_BURST_S = 2.0
+MAX_PAUSE_S = 1.0  # longest backpressure pause; then at least as long reading
 CLOSE_FORBIDDEN = 4403
 CLOSE_IDLE = 4410
 CLOSE_TOO_SLOW = 4429
@@ -109,6 +110,9 @@ class BotServer:
         # Leave a few pooled connections for the health check and wake-ups.
         self._setup_gate = asyncio.Semaphore(max(1, settings.redis_max_connections - 4))
         publisher.on_backlog = self._pause_audio
+        publisher.may_pause = self._may_pause
+        self._no_pause_until = 0.0
+        self._pause_timer: asyncio.TimerHandle | None = None
         self._clock = time.monotonic  # the event loop's clock, without a lookup per frame
         self._audio_in = metrics.audio_in
         self._shed = metrics.dropped.labels("overload")
@@ -173,6 +177,7 @@ class BotServer:
         self.metrics.connections.labels(channel).inc()
         self.metrics.connections_opened.labels(channel).inc()
         self.open_connections += 1
+        conn.last_rx = self._clock()
         close_reason = "bot_left"
         if self.settings.idle_timeout_s > 0:
             self._idle_watchdog(conn)
@@ -687,8 +692,65 @@ class BotServer:
         except TimeoutError:
             ws.transport.abort()
 
+    async def keepalive(self) -> None:
+        """Ping connections that have been silent; close those that stay silent.
+
+        A connection we received anything from within the ping timeout is alive:
+        no ping needed, and none can time out because its pong is stuck behind
+        audio we have not read yet (how a plain bridge under load closes every
+        bot with 1011). Silent ones (a quiet control channel, a dead peer) are
+        pinged and closed with 1011 if neither a pong nor data comes back.
+        """
+        interval_s = self.settings.ws_ping_interval_s
+        timeout_s = self.settings.ws_ping_timeout_s
+        while True:
+            await asyncio.sleep(interval_s)
+            now = self._clock()
+            for session in self.registry:
+                for conn in (session.audio, session.control):
+                    if conn is not None and now - conn.last_rx > timeout_s and conn.pinging is None:
+                        conn.pinging = asyncio.create_task(self._ping(conn, timeout_s))
+
+    async def _ping(self, conn: BotConnection, timeout_s: float) -> None:
+        try:
+            pong = await conn.ws.ping()
+            deadline = self._clock() + timeout_s
+            while self._clock() < deadline:
+                try:
+                    async with asyncio.timeout(min(1.0, timeout_s)):
+                        await asyncio.shield(pong)
+                    return
+                except TimeoutError:
+                    if self._clock() - conn.last_rx < timeout_s:
+                        return  # data arrived meanwhile: alive
+            log.warning("keepalive timeout, closing", extra={"bot_id": conn.bot_id, "channel": conn.channel})
+            conn.close_reason = "keepalive_timeout"
+            await self._close(conn.ws, CLOSE_INTERNAL_ERROR, "keepalive ping timeout")
+        except ConnectionClosed:
+            pass
+        finally:
+            conn.pinging = None
+
+    def _may_pause(self) -> bool:
+        """Backpressure is for a Redis that cannot keep up. A process out of CPU sheds
+        instead (``gateway.overload``), and no pause follows another at once."""
+        return not self.shedder.overloaded and time.monotonic() >= self._no_pause_until
+
+    def _end_pause(self) -> None:
+        # A socket left unread for long misses its keepalive pongs and is closed
+        # (1011): that is how a plain bridge loses every bot under load. Cap the
+        # pause; if Redis is still behind, the buffer budget decides what is kept.
+        self._pause_timer = None
+        self._no_pause_until = time.monotonic() + MAX_PAUSE_S
+        self.publisher.release_backpressure()
+
     def _pause_audio(self, pause: bool) -> None:
         """Backpressure from the publisher: stop or resume reading every audio socket."""
+        if pause:
+            self._pause_timer = asyncio.get_running_loop().call_later(MAX_PAUSE_S, self._end_pause)
+        elif self._pause_timer is not None:
+            self._pause_timer.cancel()
+            self._pause_timer = None
         for session in self.registry:
             conn = session.audio
             if conn is None:

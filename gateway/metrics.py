@@ -49,6 +49,7 @@ CLOSE_REASONS = (
     "idle",
     "message_too_big",
     "wrong_bot",
+    "keepalive_timeout",
     "error",
 )
 #: Why a connection was refused before the WebSocket upgrade.

@@ -98,6 +98,7 @@ class Publisher:
         self._high_water = min(settings.publish_backpressure_bytes, settings.publish_buffer_bytes // 2)
         self.backlogged = False
         self.on_backlog: Callable[[bool], None] | None = None
+        self.may_pause: Callable[[], bool] = lambda: True
         self._raw: dict[tuple[str, int] | None, RawConnection] = {}
         self._maxlen_events = str(settings.events_maxlen).encode()
         self._maxlen_global = str(settings.global_events_maxlen).encode()
@@ -112,11 +113,15 @@ class Publisher:
         self._seq += 1
         self._audio.append(_Op(self._seq, "audio", keys.audio, payload, size))
         self._audio_bytes += size
-        if self._audio_bytes > self._high_water and not self.backlogged and self.healthy:
+        if self._audio_bytes > self._high_water and not self.backlogged and self.healthy and self.may_pause():
             self._set_backlogged(True)
         if self._audio_bytes > self.settings.publish_buffer_bytes:
             self._shed_audio()
         self._wakeup.set()
+
+    def release_backpressure(self) -> None:
+        if self.backlogged:
+            self._set_backlogged(False)
 
     def _set_backlogged(self, on: bool) -> None:
         """Ask the bot side to stop (or resume) reading audio sockets.

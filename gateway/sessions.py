@@ -127,6 +127,7 @@ class BotConnection:
     # Bounds: last receive time (idle watchdog) and a token bucket for the message rate.
     last_rx: float = 0.0
     watchdog: asyncio.TimerHandle | None = None
+    pinging: asyncio.Task[None] | None = None  # keepalive ping in flight
     tokens: float = float("inf")  # rate limit bucket (starts full; capped on first use)
     tokens_at: float = 0.0
     shed_acc: float = 0.0  # overload shedding: drop a frame each time this passes 1

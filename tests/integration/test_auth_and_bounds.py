@@ -159,3 +159,37 @@ async def test_connection_cap_and_idle_timeout(redis_url):
         )
         await bot.close()
         await asyncio.sleep(0)
+
+
+async def test_keepalive_closes_the_dead_and_spares_the_busy(redis_url):
+    """Two bots stop answering pings (their client no longer reads the socket). One
+    also stops sending: it is closed with 1011. The other keeps streaming audio: the
+    audio proves it alive, so it is never closed (a pong can be stuck behind audio)."""
+    async with running_gateway(
+        redis_url, ws_ping_interval_s=0.2, ws_ping_timeout_s=0.5, ws_close_timeout_s=0.5
+    ) as gw:
+        dead = SimulatedBot(ws_url(gw), "bot_dead")
+        busy = SimulatedBot(ws_url(gw), "bot_busy", record_sent=False)
+        await dead.connect_audio()
+        await busy.connect_audio()
+        dead.audio.transport.pause_reading()
+        busy.audio.transport.pause_reading()
+        frame = AudioFrame("s", "Ada", b"\x00\x00" * 480)
+        for _ in range(150):  # 3 s of audio at 20 ms
+            await busy.send_frame(frame)
+            await asyncio.sleep(0.02)
+        registry = gw.metrics.registry
+        await eventually(
+            lambda: (
+                registry.get_sample_value(
+                    "meetstream_gateway_connections_closed_total",
+                    {"channel": "audio", "reason": "keepalive_timeout"},
+                )
+                == 1
+            ),
+            5,
+        )
+        assert gw.bots.registry.get("bot_dead") is None
+        assert gw.bots.registry.get("bot_busy") is not None
+        busy.audio.transport.resume_reading()
+        await busy.close()
