@@ -7,10 +7,13 @@ is handed to the :class:`~gateway.publisher.Publisher` without awaiting it.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import http
 import logging
+import termios
 import time
 import weakref
 from typing import Any
@@ -77,6 +80,19 @@ _CLOSE_REASON_TEXT = {
     "bad_bot_id": "invalid bot_id",
     "no_bot_id": "bot_id unknown: handshake has none and the path names none",
 }
+
+
+def unread_bytes(ws: ServerConnection) -> int:
+    """Bytes the kernel holds for this socket that we have not read (0 where unknown)."""
+    sock = ws.transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        buf = array.array("i", [0])
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+        return buf[0]
+    except (OSError, ValueError):
+        return 0
 
 
 class _CloseWith(Exception):
@@ -723,6 +739,10 @@ class BotServer:
                 except TimeoutError:
                     if self._clock() - conn.last_rx < timeout_s:
                         return  # data arrived meanwhile: alive
+            if unread_bytes(conn.ws) > 0:
+                # Its data (and maybe the pong) waits in the kernel for us to read it:
+                # we are behind, the bot is alive. Closing it would lose the meeting.
+                return
             log.warning("keepalive timeout, closing", extra={"bot_id": conn.bot_id, "channel": conn.channel})
             conn.close_reason = "keepalive_timeout"
             await self._close(conn.ws, CLOSE_INTERNAL_ERROR, "keepalive ping timeout")

@@ -193,3 +193,23 @@ async def test_keepalive_closes_the_dead_and_spares_the_busy(redis_url):
         assert gw.bots.registry.get("bot_busy") is not None
         busy.audio.transport.resume_reading()
         await busy.close()
+
+
+async def test_keepalive_spares_a_bot_whose_data_we_have_not_read_yet(redis_url):
+    """The gateway falls behind (here: its side of one socket stops reading), so the
+    bot's audio, and any pong, waits in the kernel. The bot is alive: not closed."""
+    async with running_gateway(
+        redis_url, ws_ping_interval_s=0.2, ws_ping_timeout_s=0.5, ws_close_timeout_s=0.5
+    ) as gw:
+        bot = SimulatedBot(ws_url(gw), "bot_behind", record_sent=False)
+        await bot.connect_audio()
+        session = await eventually(lambda: gw.bots.registry.get("bot_behind"))
+        session.audio.ws.transport.pause_reading()
+        frame = AudioFrame("s", "Ada", b"\x00\x00" * 480)
+        for _ in range(100):  # 2 s of audio into a socket the gateway does not read
+            await bot.send_frame(frame)
+            await asyncio.sleep(0.02)
+        assert gw.bots.registry.get("bot_behind") is not None
+        assert bot.audio.close_code is None
+        session.audio.ws.transport.resume_reading()
+        await bot.close()
