@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import json
 import os
 import random
 import re
-import subprocess
 import sys
 import time
 import urllib.request
@@ -38,9 +36,10 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gateway.embedded_redis import RedisServer, free_port
+from gateway.embedded_redis import RedisServer
 from gateway.keys import KeySpace
 from gateway.testing.bot import PlaybackModel, SimulatedBot
+from gateway.testing.process import GatewayProcess
 
 RATE_IN = 16_000
 UTTERANCE_S = 10.0
@@ -191,56 +190,18 @@ async def bench(n_bots: int, rounds: int, gw_url: str, redis_url: str, metrics_u
 def main(args: argparse.Namespace) -> None:
     """Start Redis and the gateway process, run each bot count, stop both."""
     redis_server = RedisServer().start()
-    port, metrics_port = free_port(), free_port()
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    gw = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "run",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--metrics-host",
-            "127.0.0.1",
-            "--metrics-port",
-            str(metrics_port),
-            "--redis-url",
-            redis_server.url,
-            "--log-level",
-            "warning",
-            "--log-format",
-            "text",
-            "--command-block-ms",
-            "1000",
-            "--playback-lead-ms",
-            str(args.lead_ms),
-        ],
-        env=env,
+    gw = GatewayProcess(
+        redis_server.url, "--command-block-ms", "1000", "--playback-lead-ms", str(args.lead_ms)
     )
     try:
-        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=1)
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("gateway did not become ready")
-            time.sleep(0.1)
+        gw.start()
+        metrics_url = f"http://127.0.0.1:{gw.metrics_port}/metrics"
         for n in args.bots:
-            gw_url = f"ws://127.0.0.1:{port}"
-            result = asyncio.run(bench(n, args.rounds, gw_url, redis_server.url, metrics_url, gw.pid))
+            result = asyncio.run(bench(n, args.rounds, gw.url, redis_server.url, metrics_url, gw.proc.pid))
             shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
             print(json.dumps(shown), flush=True)
     finally:
-        gw.terminate()
-        try:
-            gw.wait(15)
-        except subprocess.TimeoutExpired:
-            gw.kill()
+        gw.stop()
         redis_server.stop()
 
 

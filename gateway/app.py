@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 
 from prometheus_client import CollectorRegistry
@@ -203,8 +204,8 @@ class Gateway:
         """Start, serve until SIGTERM or SIGINT, drain, stop. A second signal skips the drain."""
         loop = asyncio.get_running_loop()
         signalled = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError):
+        if sys.platform != "win32":  # Windows event loops take no signal handlers
+            for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, signalled.set)
         try:
             await self.start()

@@ -27,6 +27,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -272,11 +273,10 @@ class Worker:
         """Start, work until SIGTERM/SIGINT (or :meth:`request_stop`), then stop."""
         loop = asyncio.get_running_loop()
         installed: list[signal.Signals] = []
-        if self.handle_signals:
+        if self.handle_signals and sys.platform != "win32":  # Windows loops take no signal handlers
             for sig in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(NotImplementedError):
-                    loop.add_signal_handler(sig, self.request_stop)
-                    installed.append(sig)
+                loop.add_signal_handler(sig, self.request_stop)
+                installed.append(sig)
         try:
             await self.start()
             await self._stop_requested.wait()
