@@ -25,6 +25,7 @@ from websockets.asyncio.server import Server, serve
 
 from gateway.bot_server import CLOSE_SERVICE_RESTART, BotServer
 from gateway.embedded_redis import RedisServer
+from gateway.exceptions import InternalTaskFailed
 from gateway.keys import KeySpace
 from gateway.metrics import Metrics
 from gateway.probes import ProbeServer
@@ -54,6 +55,8 @@ class Gateway:
         self.probes: ProbeServer | None = None
         self.redis_ok = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._crashed: asyncio.Task[None] | None = None
+        self._crash = asyncio.Event()
         self._stopped = False
         self._stop_lock = asyncio.Lock()
 
@@ -93,6 +96,7 @@ class Gateway:
         self.redis_ok = True
         self.publisher = Publisher(self.backend, self.keyspace, settings, self.metrics)
         self.publisher.start()
+        self._supervise(self.publisher.task)
         self.bots = BotServer(settings, self.keyspace, self.metrics, self.backend, self.publisher)
         self.bots.shedder.start()
         self.ws_server = await serve(
@@ -121,11 +125,31 @@ class Gateway:
         ]
         if settings.ws_ping_interval_s > 0:
             self._tasks.append(asyncio.create_task(self.bots.keepalive(), name="keepalive"))
+        for task in self._tasks:
+            self._supervise(task)
         self.metrics.ready.set(1)
         log.info(
             "gateway listening",
             extra={"host": settings.host, "port": self.port, "redis_url": redact_url(url)},
         )
+
+    def _supervise(self, task: asyncio.Task[None] | None) -> None:
+        """These tasks run for the life of the process: one that ends by itself is a bug."""
+
+        def done(task: asyncio.Task[None]) -> None:
+            if self._stopped or task.cancelled():
+                return
+            exc = task.exception()
+            log.critical(
+                "internal task ended, stopping the gateway",
+                extra={"task": task.get_name(), "error": repr(exc)},
+                exc_info=exc,
+            )
+            self._crashed = task
+            self._crash.set()
+
+        if task is not None:
+            task.add_done_callback(done)
 
     async def _watch_redis(self) -> None:
         if self.backend is None:  # started only by start(), after connecting
@@ -209,7 +233,14 @@ class Gateway:
                 loop.add_signal_handler(sig, signalled.set)
         try:
             await self.start()
-            await signalled.wait()
+            crashed = asyncio.create_task(self._crash.wait())
+            signal_task = asyncio.create_task(signalled.wait())
+            await asyncio.wait({crashed, signal_task}, return_when=asyncio.FIRST_COMPLETED)
+            crashed.cancel()
+            signal_task.cancel()
+            if self._crashed is not None:
+                # No drain: the bots are better off reconnecting to a healthy replica now.
+                raise InternalTaskFailed(f"task {self._crashed.get_name()!r} ended")
             log.info("signal received, draining (send again to stop now)")
             signalled.clear()
             drain = asyncio.create_task(self.drain())

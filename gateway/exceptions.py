@@ -74,3 +74,11 @@ class RedisUnavailable(GatewayError):
 
     def __str__(self) -> str:
         return f"Redis at {self.url} unreachable after {self.attempts} attempts"
+
+
+class InternalTaskFailed(GatewayError):
+    """A task the gateway cannot serve without (the publisher, keepalive...) ended by itself.
+
+    The process stops and exits non-zero so that its supervisor (Kubernetes)
+    replaces it: serving on without it would accept audio it can never write.
+    """

@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 from gateway.keys import BotKeys, KeySpace
 from gateway.metrics import Metrics
 from gateway.protocol import BOT_SAMPLE_RATE, AudioFrame
-from gateway.redis_conn import RawConnection, RedisBackend
+from gateway.redis_conn import WRITE_SOCKET_TIMEOUT_S, RawConnection, RedisBackend
 from gateway.resp import AudioEncoder, encode_command
 from gateway.settings import Settings
 
@@ -69,6 +69,15 @@ class _Op:
         return self.seq < other.seq
 
 
+@dataclass(slots=True)
+class _Flight:
+    """A batch on the wire, and the task that settles it."""
+
+    batch: list[_Op]
+    task: asyncio.Future[None]
+    size: int  # audio bytes
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -100,6 +109,8 @@ class Publisher:
         self.on_backlog: Callable[[bool], None] | None = None
         self.may_pause: Callable[[], bool] = lambda: True
         self._raw: dict[tuple[str, int] | None, RawConnection] = {}
+        self._raw_timeout_s = WRITE_SOCKET_TIMEOUT_S
+        self._inflight_bytes = 0
         self._maxlen_events = str(settings.events_maxlen).encode()
         self._maxlen_global = str(settings.global_events_maxlen).encode()
 
@@ -212,6 +223,10 @@ class Publisher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="publisher")
 
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        return self._task
+
     def _take_batch(self) -> list[_Op]:
         limit = self.settings.publish_batch_max
         batch: list[_Op] = []
@@ -233,105 +248,154 @@ class Publisher:
         return batch
 
     async def _run(self) -> None:
+        """Keep up to ``publish_pipeline_depth`` batches on the wire.
+
+        Waiting for each batch's replies before sending the next would idle both
+        sides for a round trip per batch; under load a round trip includes a whole
+        turn of our event loop (every ready bot socket), and the buffer would fill
+        while Redis sits idle. Batches are settled in the order they were sent.
+        """
+        flights: deque[_Flight] = deque()
+        try:
+            await self._pipeline(flights)
+        finally:
+            for flight in flights:
+                flight.task.cancel()
+
+    async def _pipeline(self, flights: deque[_Flight]) -> None:
         backoff_s = 0.05
-        batch: list[_Op] = []
+        retry: list[_Op] = []  # a failed batch: sent again first, so order is kept
         loop = asyncio.get_running_loop()
         interval_s = self.settings.publish_interval_ms / 1000
+        depth = self.settings.publish_pipeline_depth
+        batch_max = self.settings.publish_batch_max
         last_flush = 0.0
         while True:
-            if not batch:
-                if not self.pending:
-                    self._idle.set()
-                    if self._closing:
-                        return
-                    self._wakeup.clear()
-                    # Cancelling here loses nothing: the buffers are untouched.
-                    await self._wakeup.wait()
+            while flights and flights[0].task.done():
+                flight = flights.popleft()
+                self._inflight_bytes -= flight.size
+                if flight.task.exception() is None:
+                    self._set_health(True)
+                    backoff_s = 0.05
                     continue
-                self._idle.clear()
-                # Let a few frames pile up between round trips: each write to Redis
-                # costs a syscall and a reply parse whether it carries 2 frames or 200.
-                wait_s = last_flush + interval_s - loop.time()
-                if wait_s > 0 and not self._closing and len(self._audio) < self.settings.publish_batch_max:
-                    await asyncio.sleep(wait_s)
-                last_flush = loop.time()
-                batch = self._take_batch()
-            try:
-                await self._send(batch)
-            except Exception as exc:
-                # The batch stays ours and is retried first: order is kept, and
-                # entries that did land before the error may be written twice.
-                # Anything but a Redis or socket error is a bug: say so loudly,
-                # but keep the accepted data and stay not-ready rather than die.
+                # The head failed: let the rest settle (on one connection they fail
+                # with it), then take back every batch that did not land, in order.
+                # Anything but a Redis or socket error is a bug: say so loudly, but
+                # keep the accepted data and stay not-ready rather than die.
+                exc = flight.task.exception()
+                failed = list(flight.batch)
+                if flights:
+                    await asyncio.wait([f.task for f in flights])
+                while flights:
+                    other = flights.popleft()
+                    self._inflight_bytes -= other.size
+                    if other.task.exception() is not None:
+                        failed += other.batch
+                retry = sorted(failed + retry)
                 self._set_health(False)
                 self.metrics.redis_errors.labels("publish").inc()
+                expected = isinstance(exc, RedisError | OSError | TimeoutError)
                 log.log(
-                    logging.WARNING if isinstance(exc, RedisError | OSError) else logging.ERROR,
+                    logging.WARNING if expected else logging.ERROR,
                     "redis write failed, retrying",
-                    extra={"error": repr(exc), "batch": len(batch), "backoff_s": backoff_s},
-                    exc_info=not isinstance(exc, RedisError | OSError),
+                    extra={"error": repr(exc), "batch": len(retry), "backoff_s": backoff_s},
+                    exc_info=None if expected else exc,
                 )
-                self._requeue_for_budget(batch)
+                self._requeue_for_budget(retry)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
-                continue
-            self._set_health(True)
-            backoff_s = 0.05
-            batch = []
             if self.backlogged and self._audio_bytes < self._high_water // 4:
                 self._set_backlogged(False)
+            room = len(flights) < depth and self._inflight_bytes < self._high_water
+            if room and (retry or self.pending):
+                self._idle.clear()
+                if flights and not all(conn.connected for conn in self._raw.values()):
+                    # A connection was lost under batches not settled yet: they will
+                    # fail and be sent again, so nothing may overtake them on a new one.
+                    await asyncio.wait([f.task for f in flights])
+                    continue
+                if retry:
+                    batch, retry = retry, []
+                else:
+                    # Let a few frames pile up between writes: each costs a syscall and
+                    # a wake-up whether it carries 2 frames or 200.
+                    wait_s = last_flush + interval_s - loop.time()
+                    if wait_s > 0 and not self._closing and len(self._audio) < batch_max:
+                        await asyncio.sleep(wait_s)
+                        continue  # flights may have settled meanwhile
+                    last_flush = loop.time()
+                    batch = self._take_batch()
+                try:
+                    flights.append(await self._launch(batch))
+                except Exception as exc:  # could not even connect: the batch is retried
+                    failed_task: asyncio.Future[None] = loop.create_future()
+                    failed_task.set_exception(exc)
+                    flights.append(_Flight(batch, failed_task, 0))
+                    continue
+                self._inflight_bytes += flights[-1].size
+                continue
+            if not flights and not retry and not self.pending:
+                self._idle.set()
+                if self._closing:
+                    return
+            # Wait for new data or a settled batch (both set the wake-up).
+            self._wakeup.clear()
+            await self._wakeup.wait()
 
-    def _requeue_for_budget(self, batch: list[_Op]) -> None:
-        """While we retry, audio keeps arriving: keep the whole backlog in budget."""
-        held = sum(op.size for op in batch)
-        self._audio_bytes += held
-        if self._audio_bytes > self.settings.publish_buffer_bytes:
-            self._shed_audio()
-            # Still over: the batch itself holds the oldest audio.
-            while self._audio_bytes > self.settings.publish_buffer_bytes:
-                oldest = next((op for op in batch if op.kind == "audio"), None)
-                if oldest is None:
-                    break
-                batch.remove(oldest)
-                self._audio_bytes -= oldest.size
-                self.metrics.dropped.labels("buffer_full").inc()
-        self._audio_bytes -= sum(op.size for op in batch)
+    async def _launch(self, batch: list[_Op]) -> _Flight:
+        """Write a batch now (one pipeline per node on a Cluster); settle it later.
 
-    async def _send(self, batch: list[_Op]) -> None:
-        """Write a batch; on a Cluster, one pipeline per node, in parallel.
-
-        Raises if any node failed, after accounting for what landed: the batch is
-        trimmed to the failed part so that a retry repeats nothing that succeeded.
+        Connections are opened first, so that the writes themselves happen without
+        a pause and batches reach each node in the order they were taken.
         """
-        started = time.perf_counter()
         if not self.backend.is_cluster:
-            replies = await self._execute(None, batch)
-            self._account(batch, replies)
+            groups: dict[tuple[str, int] | None, list[_Op]] = {None: batch}
         else:
-            await self._send_cluster(batch)
-        self.metrics.redis_latency.labels("publish").observe(time.perf_counter() - started)
+            groups = {}
+            for op in batch:
+                groups.setdefault(self.backend.node_of(op.key), []).append(op)
+        conns = {node: self._raw.get(node) for node in groups}
+        for node, conn in conns.items():
+            if conn is None:
+                conn = conns[node] = self._raw[node] = self.backend.raw_connection(*(node or (None, None)))
+            await conn.connect()
+        submitted = []
+        for node, ops in groups.items():
+            payload = b"".join([piece for op in ops for piece in op.payload])
+            try:
+                future = conns[node].submit(payload, len(ops))  # type: ignore[union-attr]
+            except Exception as exc:
+                future = asyncio.get_running_loop().create_future()
+                future.set_exception(exc)
+            submitted.append((node, ops, future))
+        task = asyncio.ensure_future(self._settle(batch, submitted))
+        task.add_done_callback(lambda _: self._wakeup.set())
+        return _Flight(batch, task, sum(op.size for op in batch))
 
-    async def _execute(self, node: tuple[str, int] | None, ops: list[_Op]) -> list[Any]:
-        conn = self._raw.get(node)
-        if conn is None:
-            conn = self._raw[node] = self.backend.raw_connection(*(node or (None, None)))
-        payload = b"".join([piece for op in ops for piece in op.payload])
-        return await conn.execute(payload, len(ops))
-
-    async def _send_cluster(self, batch: list[_Op]) -> None:
-        groups: dict[tuple[str, int], list[_Op]] = {}
-        for op in batch:
-            groups.setdefault(self.backend.node_of(op.key), []).append(op)
-        nodes = list(groups)
-        results = await asyncio.gather(*(self._execute(n, groups[n]) for n in nodes), return_exceptions=True)
+    async def _settle(
+        self, batch: list[_Op], submitted: list[tuple[tuple[str, int] | None, list[_Op], asyncio.Future[Any]]]
+    ) -> None:
+        """Account for what landed. Raises if any node failed, with the batch trimmed to
+        the part that did not land, so that a retry repeats nothing that succeeded."""
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._raw_timeout_s):
+                results = await asyncio.gather(*(f for _, _, f in submitted), return_exceptions=True)
+        except TimeoutError:
+            for node, _, _ in submitted:
+                if (conn := self._raw.get(node)) is not None:
+                    conn.close()  # unknown state: everything on it fails and is retried
+            raise
         failed: list[_Op] = []
         redirected: list[_Op] = []
         error: BaseException | None = None
-        for node, result in zip(nodes, results, strict=True):
-            ops = groups[node]
+        for (node, ops, _), result in zip(submitted, results, strict=True):
             if isinstance(result, BaseException):
                 failed += ops
                 error = result
+                continue
+            if node is None:
+                self._account(ops, result)
                 continue
             landed: list[_Op] = []
             replies: list[Any] = []
@@ -350,6 +414,23 @@ class Publisher:
         if failed:
             batch[:] = failed
             raise error if isinstance(error, Exception) else RedisError(str(error))
+        self.metrics.redis_latency.labels("publish").observe(time.perf_counter() - started)
+
+    def _requeue_for_budget(self, batch: list[_Op]) -> None:
+        """While we retry, audio keeps arriving: keep the whole backlog in budget."""
+        held = sum(op.size for op in batch)
+        self._audio_bytes += held
+        if self._audio_bytes > self.settings.publish_buffer_bytes:
+            self._shed_audio()
+            # Still over: the batch itself holds the oldest audio.
+            while self._audio_bytes > self.settings.publish_buffer_bytes:
+                oldest = next((op for op in batch if op.kind == "audio"), None)
+                if oldest is None:
+                    break
+                batch.remove(oldest)
+                self._audio_bytes -= oldest.size
+                self.metrics.dropped.labels("buffer_full").inc()
+        self._audio_bytes -= sum(op.size for op in batch)
 
     def _account(self, ops: list[_Op], replies: list[Any]) -> None:
         audio = events = audio_bytes = 0
@@ -390,6 +471,8 @@ class Publisher:
         try:
             async with asyncio.timeout(timeout_s):
                 while self.pending or not self._idle.is_set():
+                    if self._task is None or self._task.done():
+                        return False  # nobody is writing: waiting would not help
                     await self._idle.wait()
                     await asyncio.sleep(0)
             return True
@@ -400,7 +483,7 @@ class Publisher:
         """Flush within ``timeout_s``, then stop; what could not be sent is counted."""
         self._closing = True
         flushed = await self.flush(timeout_s)
-        if self._task is not None:
+        if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,12 +189,78 @@ async def _clock_offset_ms(client: Any, is_cluster: bool) -> int:
     return int((seconds + micros / 1e6 - ours) * 1000)
 
 
-class RawConnection:
-    """One connection for the publisher's pipelined writes: RESP bytes out, hiredis-parsed replies in.
+class _Link(asyncio.Protocol):
+    """One socket of a :class:`RawConnection`: requests go out in order, replies are
+    matched to them in the order they come back (Redis answers in order)."""
 
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = hiredis.Reader()
+        self.pending: deque[_Request] = deque()
+        self.lost: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def submit(self, payload: bytes, replies: int) -> asyncio.Future[list[Any]]:
+        if self.lost is not None or self.transport is None or self.transport.is_closing():
+            raise RedisConnectionError("connection to Redis lost")
+        request = _Request(replies, [], asyncio.get_running_loop().create_future())
+        self.pending.append(request)
+        self.transport.write(payload)
+        return request.future
+
+    def data_received(self, data: bytes) -> None:
+        parser = self.parser
+        parser.feed(data)
+        pending = self.pending
+        while pending:
+            request = pending[0]
+            out = request.replies
+            while len(out) < request.expected:
+                reply = parser.gets()
+                if reply is False:
+                    return
+                out.append(reply)
+            pending.popleft()
+            if not request.future.done():
+                request.future.set_result(out)
+        if parser.gets() is not False:
+            self.close(RedisConnectionError("Redis replied to nothing we asked"))
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.close(exc or RedisConnectionError("connection closed by Redis"))
+
+    def close(self, exc: BaseException) -> None:
+        if self.lost is None:
+            self.lost = exc
+        if self.transport is not None:
+            self.transport.close()
+        while self.pending:
+            future = self.pending.popleft().future
+            if not future.done():
+                error = RedisConnectionError(f"connection to Redis lost: {exc!r}")
+                error.__cause__ = exc
+                future.set_exception(error)
+                future.exception()  # retrieved: nobody may be waiting any more
+
+
+@dataclass(slots=True)
+class _Request:
+    expected: int
+    replies: list[Any]
+    future: asyncio.Future[list[Any]]
+
+
+class RawConnection:
+    """One connection for RESP bytes out and hiredis-parsed replies in, pipelined.
+
+    ``submit`` writes at once and returns a future of the replies, so a writer can
+    keep several batches on the wire instead of idling a round trip per batch.
     Error replies come back as ``hiredis.ReplyError`` values, one per command, not
-    raised. Any socket trouble, a timeout or a cancellation leaves the connection
-    in an unknown state, so it is closed and the caller opens a new one.
+    raised. Any socket trouble, a timeout or a cancellation in :meth:`execute`
+    leaves the connection in an unknown state, so it is closed (failing whatever
+    else was on the wire) and the next call opens a new one.
     """
 
     def __init__(
@@ -203,24 +270,28 @@ class RawConnection:
         self.port = port
         self.params = params
         self.timeout_s = timeout_s
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._parser = hiredis.Reader()
+        self._link: _Link | None = None
 
     @property
     def connected(self) -> bool:
-        return self._writer is not None and not self._writer.is_closing()
+        link = self._link
+        return link is not None and link.lost is None and link.transport is not None
 
     async def connect(self) -> None:
+        """Open the socket (and authenticate) unless it is open already."""
+        if self.connected:
+            return
+        self.close()
         ssl_ctx = None
         if self.params.get("ssl"):
             ssl_ctx = ssl.create_default_context(cafile=self.params.get("ssl_ca_certs"))
             if self.params.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
                 ssl_ctx.check_hostname = False
                 ssl_ctx.verify_mode = ssl.CERT_NONE
+        loop = asyncio.get_running_loop()
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            self._reader, self._writer = await asyncio.open_connection(self.host, self.port, ssl=ssl_ctx)
-        self._parser = hiredis.Reader()
+            _, link = await loop.create_connection(_Link, self.host, self.port, ssl=ssl_ctx)
+        self._link = link
         setup: list[tuple[Any, ...]] = []
         if self.params.get("password"):
             user = self.params.get("username")
@@ -234,32 +305,26 @@ class RawConnection:
                     self.close()
                     raise RedisError(f"connection setup refused: {reply}")
 
-    async def execute(self, payload: bytes, replies: int) -> list[Any]:
-        if self._writer is None or self._reader is None:
-            await self.connect()
-        if self._writer is None or self._reader is None:
+    def submit(self, payload: bytes, replies: int) -> asyncio.Future[list[Any]]:
+        """Write now; the future resolves to the replies (or fails with the connection).
+
+        Needs an open connection (:meth:`connect`): submitting never waits, so that
+        what is submitted in order is written in order.
+        """
+        if self._link is None:
             raise RedisConnectionError("not connected")
+        return self._link.submit(payload, replies)
+
+    async def execute(self, payload: bytes, replies: int) -> list[Any]:
+        await self.connect()
         try:
             async with asyncio.timeout(self.timeout_s):
-                self._writer.write(payload)
-                await self._writer.drain()
-                out: list[Any] = []
-                parser = self._parser
-                while len(out) < replies:
-                    reply = parser.gets()
-                    if reply is False:
-                        data = await self._reader.read(1 << 16)
-                        if not data:
-                            raise RedisConnectionError("connection closed by Redis")
-                        parser.feed(data)
-                        continue
-                    out.append(reply)
-                return out
+                return await asyncio.shield(self.submit(payload, replies))
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        self._reader = self._writer = None
+        if self._link is not None:
+            self._link.close(RedisConnectionError("connection closed"))
+        self._link = None

@@ -101,6 +101,9 @@ class Settings:
         64 << 20, "Audio and events held for Redis; beyond it the oldest audio is dropped"
     )
     publish_batch_max: int = _opt(2000, "Most stream entries sent in one pipeline")
+    publish_pipeline_depth: int = _opt(
+        4, "Pipelines on the wire to Redis at once, before waiting for the oldest's replies"
+    )
     publish_backpressure_bytes: int = _opt(
         8 << 20, "Unsent audio past which audio sockets stop being read until Redis catches up"
     )
@@ -131,6 +134,7 @@ class Settings:
             "outbox_max_commands",
             "publish_buffer_bytes",
             "publish_batch_max",
+            "publish_pipeline_depth",
             "redis_max_connections",
             "control_max_message_bytes",
             "max_frames_per_s",
