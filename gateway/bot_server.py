@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import http
 import logging
+import math
 import termios
 import time
 import weakref
@@ -59,6 +60,7 @@ CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN = 1013
 SETUP_ATTEMPTS = 3
 RATE_BURST_S = 2.0
+KEEPALIVE_TICKS = 10  # keepalive checks per ping interval: how finely pings are spread
 MAX_PAUSE_S = 1.0  # longest backpressure pause; then at least as long reading
 CLOSE_FORBIDDEN = 4403
 CLOSE_IDLE = 4410
@@ -93,6 +95,17 @@ def unread_bytes(ws: ServerConnection) -> int:
         return buf[0]
     except (OSError, ValueError):
         return 0
+
+
+def send_ping(ws: ServerConnection) -> None:
+    """Write a ping now, with no pong waiter: the answer is seen in ``BotWebSocket.pong_at``.
+
+    ``await ws.ping()`` needs a task per ping and a future per pong; the keepalive
+    only needs to know that something came back.
+    """
+    with contextlib.suppress(Exception):  # closing: the close handshake decides
+        ws.protocol.send_ping(b"ka")
+        ws.send_data()
 
 
 class _CloseWith(Exception):
@@ -711,45 +724,49 @@ class BotServer:
     async def keepalive(self) -> None:
         """Ping connections that have been silent; close those that stay silent.
 
-        A connection we received anything from within the ping timeout is alive:
-        no ping needed, and none can time out because its pong is stuck behind
-        audio we have not read yet (how a plain bridge under load closes every
-        bot with 1011). Silent ones (a quiet control channel, a dead peer) are
-        pinged and closed with 1011 if neither a pong nor data comes back.
+        A connection we received anything from lately is alive: no ping needed, and
+        none can time out because its pong is stuck behind audio we have not read
+        yet (how a plain bridge under load closes every bot with 1011). Silent ones
+        (a quiet control channel, a dead peer) are pinged and closed with 1011 if
+        neither a pong nor data comes back in time.
+
+        Checked often and pinged when due, each connection by its own silence: a
+        sweep that pinged every quiet channel at once (a thousand control channels)
+        stalled the loop for tens of ms, and every command waiting behind it.
         """
         interval_s = self.settings.ws_ping_interval_s
         timeout_s = self.settings.ws_ping_timeout_s
+        tick_s = min(interval_s, timeout_s) / KEEPALIVE_TICKS
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(tick_s)
             now = self._clock()
             for session in self.registry:
                 for conn in (session.audio, session.control):
-                    if conn is not None and now - conn.last_rx > timeout_s and conn.pinging is None:
-                        conn.pinging = asyncio.create_task(self._ping(conn, timeout_s))
+                    if conn is not None:
+                        self._keepalive_check(conn, now, interval_s, timeout_s)
 
-    async def _ping(self, conn: BotConnection, timeout_s: float) -> None:
-        try:
-            pong = await conn.ws.ping()
-            deadline = self._clock() + timeout_s
-            while self._clock() < deadline:
-                try:
-                    async with asyncio.timeout(min(1.0, timeout_s)):
-                        await asyncio.shield(pong)
-                    return
-                except TimeoutError:
-                    if self._clock() - conn.last_rx < timeout_s:
-                        return  # data arrived meanwhile: alive
-            if unread_bytes(conn.ws) > 0:
-                # Its data (and maybe the pong) waits in the kernel for us to read it:
-                # we are behind, the bot is alive. Closing it would lose the meeting.
-                return
-            log.warning("keepalive timeout, closing", extra={"bot_id": conn.bot_id, "channel": conn.channel})
-            conn.close_reason = "keepalive_timeout"
-            await self._close(conn.ws, CLOSE_INTERNAL_ERROR, "keepalive ping timeout")
-        except ConnectionClosed:
-            pass
-        finally:
-            conn.pinging = None
+    def _keepalive_check(self, conn: BotConnection, now: float, interval_s: float, timeout_s: float) -> None:
+        ws = conn.ws
+        heard = max(conn.last_rx, getattr(ws, "pong_at", 0.0))
+        ping_at = conn.ping_at
+        if ping_at is not None and heard >= ping_at:
+            conn.ping_at = ping_at = None  # answered
+        if ping_at is None:
+            if now - heard >= interval_s:
+                conn.ping_at = now
+                send_ping(ws)
+            return
+        if now - ping_at < timeout_s:
+            return
+        if unread_bytes(ws) > 0:
+            # Its data (and maybe the pong) waits in the kernel for us to read it:
+            # we are behind, the bot is alive. Closing it would lose the meeting.
+            conn.ping_at = now
+            return
+        conn.ping_at = math.inf  # closing: never again
+        log.warning("keepalive timeout, closing", extra={"bot_id": conn.bot_id, "channel": conn.channel})
+        conn.close_reason = "keepalive_timeout"
+        self._spawn(self._close(ws, CLOSE_INTERNAL_ERROR, "keepalive ping timeout"))
 
     def _may_pause(self) -> bool:
         """Backpressure is for a Redis that cannot keep up. A process out of CPU sheds

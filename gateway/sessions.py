@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class BotWebSocket(ServerConnection):
     """
 
     on_binary: Callable[[bytes], None] | None = None
+    pong_at: float = 0.0  # when a pong last came (time.monotonic): the keepalive's evidence
 
     def process_event(self, event: Event) -> None:
         on_binary = self.on_binary
@@ -60,6 +62,8 @@ class BotWebSocket(ServerConnection):
             except Exception:
                 log.exception("audio frame handler failed")
             return
+        if isinstance(event, Frame) and event.opcode is Opcode.PONG:
+            self.pong_at = time.monotonic()
         super().process_event(event)
 
 
@@ -127,7 +131,7 @@ class BotConnection:
     # Bounds: last receive time (idle watchdog) and a token bucket for the message rate.
     last_rx: float = 0.0
     watchdog: asyncio.TimerHandle | None = None
-    pinging: asyncio.Task[None] | None = None  # keepalive ping in flight
+    ping_at: float | None = None  # when the keepalive pinged, until something comes back
     tokens: float = float("inf")  # rate limit bucket (starts full; capped on first use)
     tokens_at: float = 0.0
     shed_acc: float = 0.0  # overload shedding: drop a frame each time this passes 1

@@ -195,6 +195,35 @@ async def test_keepalive_closes_the_dead_and_spares_the_busy(redis_url):
         await busy.close()
 
 
+async def test_keepalive_keeps_quiet_bots_that_answer_and_pings_them_apart(redis_url):
+    """Control channels are silent for minutes in a real meeting: each is pinged when
+    its own silence reaches the interval, is kept while it answers, and bots that went
+    quiet at different times are not all pinged in the same sweep."""
+    async with running_gateway(
+        redis_url, ws_ping_interval_s=0.4, ws_ping_timeout_s=0.4, ws_close_timeout_s=0.5
+    ) as gw:
+        bots = []
+        for i in range(4):
+            bot = SimulatedBot(ws_url(gw), f"bot_quiet_{i}")
+            await bot.connect_control()  # ready, then silent: only pongs come back
+            bots.append(bot)
+            await asyncio.sleep(0.1)
+        sessions = [await eventually(lambda b=b: gw.bots.registry.get(b.bot_id)) for b in bots]
+        pongs: list[set[float]] = [set() for _ in bots]
+        for _ in range(40):  # 2 s: five intervals
+            await asyncio.sleep(0.05)
+            for seen, session in zip(pongs, sessions, strict=True):
+                if session.control.ws.pong_at:
+                    seen.add(session.control.ws.pong_at)
+        assert all(b.control.close_code is None for b in bots)
+        assert all(gw.bots.registry.get(b.bot_id) is not None for b in bots)
+        assert all(len(seen) >= 3 for seen in pongs), [len(seen) for seen in pongs]
+        firsts = sorted(min(seen) for seen in pongs)
+        assert firsts[-1] - firsts[0] >= 0.15, "every quiet channel was pinged at the same moment"
+        for bot in bots:
+            await bot.close()
+
+
 async def test_keepalive_spares_a_bot_whose_data_we_have_not_read_yet(redis_url):
     """The gateway falls behind (here: its side of one socket stops reading), so the
     bot's audio, and any pong, waits in the kernel. The bot is alive: not closed."""
