@@ -223,6 +223,27 @@ def _dropped(counters: dict[str, float]) -> dict[str, float]:
     }
 
 
+def _pipeline(g0: dict[str, float], g1: dict[str, float], window_s: float) -> dict[str, float]:
+    """The publisher's round trips over the window: how often, how long, how many pauses."""
+
+    def delta(key: str) -> float:
+        return g1.get(key, 0.0) - g0.get(key, 0.0)
+
+    trips = delta("redis_roundtrip_seconds_count{op=publish}")
+    return {
+        "publish_roundtrips_per_s": trips / window_s if window_s else 0.0,
+        "publish_roundtrip_mean_ms": delta("redis_roundtrip_seconds_sum{op=publish}") / trips * 1e3
+        if trips
+        else 0.0,
+        "entries_per_roundtrip": delta("stream_entries_published_total{kind=audio}") / trips
+        if trips
+        else 0.0,
+        "backpressure_pauses": delta("publish_backpressure_total"),
+        "overload_shed": delta("frames_dropped_total{reason=overload}"),
+        "loop_lag_s_at_window_end": g1.get("event_loop_lag_seconds", 0.0),
+    }
+
+
 class _Profiler(threading.Thread):
     def __init__(self, pid: int, at: float, seconds: float, out: Path) -> None:
         super().__init__(daemon=True)
@@ -237,8 +258,30 @@ class _Profiler(threading.Thread):
 # -- one phase ------------------------------------------------------------------
 
 
+def pin_cores() -> tuple[set[int], set[int]] | None:
+    """Give the server under test a core of its own: (harness cores, server cores).
+
+    On a small machine the load generator, Redis and the server otherwise take
+    turns on the same cores, and the server's latency measures the scheduler as
+    much as the server. This process (and so Redis, the generator and the command
+    writer, started from it) keeps every core but the last; the server gets the
+    last. None when there is only one core.
+    """
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        return None
+    harness, server = set(available[:-1]), {available[-1]}
+    os.sched_setaffinity(0, harness)
+    return harness, server
+
+
 def run_phase(
-    server: RedisServer, cfg: Config, ph: Phase, tag: str, results_dir: Path = RESULTS
+    server: RedisServer,
+    cfg: Config,
+    ph: Phase,
+    tag: str,
+    results_dir: Path = RESULTS,
+    server_cores: set[int] | None = None,
 ) -> dict[str, Any]:
     r = redis.Redis.from_url(server.url)
     r.flushall()
@@ -257,6 +300,8 @@ def run_phase(
             flags += ["--ws-ping-interval-s", ping[0], "--ws-ping-timeout-s", ping[1]]
         proc = BridgeProcess(server.url, *flags).start()
         pid = proc.proc.pid  # type: ignore[union-attr]
+    if server_cores:
+        os.sched_setaffinity(pid, server_cores)
     gen: LoadGen | None = None
     cmd: Commander | None = None
     out: dict[str, Any] = {
@@ -417,6 +462,7 @@ def run_phase(
         out["gateway_dropped"] = _dropped(g2)
         out["gateway_received_total"] = g2.get("audio_frames_received_total", 0.0)
         out["gateway_publish_buffer_bytes_at_window_end"] = g1.get("publish_buffer_bytes", 0.0)
+        out["gateway_pipeline"] = _pipeline(g0, g1, window)
         out["gateway_closed"] = {
             k.split("{", 1)[1].rstrip("}"): v
             for k, v in g2.items()
@@ -443,8 +489,20 @@ def run_phase(
 
 
 def run(
-    cfg: Config, only: str | None = None, limit: bool = True, results_dir: Path = RESULTS
+    cfg: Config,
+    only: str | None = None,
+    limit: bool = True,
+    results_dir: Path = RESULTS,
+    pin: bool = False,
 ) -> dict[str, Any]:
+    affinity = os.sched_getaffinity(0)
+    try:
+        return _run(cfg, only, limit, results_dir, pin)
+    finally:
+        os.sched_setaffinity(0, affinity)
+
+
+def _run(cfg: Config, only: str | None, limit: bool, results_dir: Path, pin: bool) -> dict[str, Any]:
     results_dir.mkdir(parents=True, exist_ok=True)
     tag = time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.name}"
     result: dict[str, Any] = {
@@ -461,6 +519,9 @@ def run(
         "limit": [],
         "phases": [],
     }
+    cores = pin_cores() if pin else None
+    if cores is not None:
+        result["meta"]["pinned"] = {"server": sorted(cores[1]), "harness": sorted(cores[0])}
     with RedisServer() as server:
         result["meta"]["redis_version"] = redis.Redis.from_url(server.url).info("server")["redis_version"]
         if limit:
@@ -471,7 +532,7 @@ def run(
                 continue
             print(f"[bench] {ph.name} {ph.target} bots={ph.bots} frame={ph.frame_ms}ms {ph.mode}", flush=True)
             try:
-                row = run_phase(server, cfg, ph, tag, results_dir)
+                row = run_phase(server, cfg, ph, tag, results_dir, None if cores is None else cores[1])
             except Exception as exc:  # one failed phase is reported, the rest still run
                 row = {"phase": ph.name, **dataclasses.asdict(ph), "errors": repr(exc)[:500], "failed": True}
             result["phases"].append(row)
@@ -520,6 +581,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--processes", type=int, default=2, help="load generator processes")
     parser.add_argument("--no-profile", action="store_true", help="skip py-spy")
     parser.add_argument("--no-limit", action="store_true", help="skip the redis-py XADD limit")
+    parser.add_argument(
+        "--no-pin", action="store_true", help="let the server share all cores with the generator and Redis"
+    )
     args = parser.parse_args(argv)
     if args.bots:
         targets = ["gateway", "reference"] if args.target == "both" else [args.target]
@@ -546,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         name = "tiny" if args.tiny else "quick" if args.quick else "full"
         cfg = config(name, args.processes, not args.no_profile)
-    result = run(cfg, args.only, limit=not args.no_limit)
+    result = run(cfg, args.only, limit=not args.no_limit, pin=not args.no_pin)
     print(f"[bench] results: {result['meta']['path']}")
     from bench.report import render
 
