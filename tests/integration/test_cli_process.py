@@ -21,6 +21,7 @@ import pytest
 
 from gateway.embedded_redis import free_port
 from gateway.testing.bot import SimulatedBot, Speaker
+from tests.helpers import eventually
 
 
 def _read_logs_until(proc, predicate, timeout_s=20.0):
@@ -84,7 +85,11 @@ async def test_console_script_runs_on_embedded_redis_and_stops_on_sigterm():
             {"json": '{"command":"sendmsg","message":"hi"}'},
         )
         assert (await bot.next_command(timeout=10, after=0))["message"] == "hi"
-        assert await client.xlen("meetstream:{cli_bot}:audio") == 3
+        # Audio is written asynchronously (batched): it lands within a round trip or two.
+        async def stored() -> bool:
+            return await client.xlen("meetstream:{cli_bot}:audio") == 3
+
+        await eventually(stored, 5, 0.05)
         await client.aclose()
         await bot.close()
         proc.send_signal(signal.SIGTERM)

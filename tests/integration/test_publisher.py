@@ -61,7 +61,8 @@ async def test_pipelined_batches_keep_each_bots_order_within_the_depth(
     per_bot = 1500
     for seq in range(per_bot):
         for bot in BOTS:
-            publisher.audio(keyspace.bot(bot), AudioFrame("s1", "Ada", seq.to_bytes(4, "big") * 240), seq, b"c")
+            frame = AudioFrame("s1", "Ada", seq.to_bytes(4, "big") * 240)
+            publisher.audio(keyspace.bot(bot), frame, seq, b"c")
         if seq % 100 == 0:
             await asyncio.sleep(0)  # let the writer run while frames keep coming
     assert await publisher.flush(30)
@@ -113,8 +114,10 @@ async def test_a_publisher_that_dies_stops_the_gateway_loudly(
 
     gw.publisher._take_batch = broken  # type: ignore[method-assign]
     gw.publisher.event(gw.keyspace.bot("pub_dead"), "message", "control", data="{}")
-    with caplog.at_level(logging.CRITICAL, logger="gateway.app"):
-        with pytest.raises(InternalTaskFailed, match="publisher"):
-            await asyncio.wait_for(run, 30)
+    with (
+        caplog.at_level(logging.CRITICAL, logger="gateway.app"),
+        pytest.raises(InternalTaskFailed, match="publisher"),
+    ):
+        await asyncio.wait_for(run, 30)
     assert any("internal task ended" in r.getMessage() for r in caplog.records)
     assert gw.ws_server is not None and not gw.ws_server.is_serving()
