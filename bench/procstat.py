@@ -24,12 +24,13 @@ class ProcSample:
     at: float  # time.time()
     cpu_s: float  # user + system, this process only
     rss_bytes: int
+    system_s: float = 0.0  # the kernel's part of cpu_s (syscalls, and loopback TCP work done for us)
 
 
 def sample(pid: int) -> ProcSample:
     p = psutil.Process(pid)
     t = p.cpu_times()
-    return ProcSample(time.time(), t.user + t.system, p.memory_info().rss)
+    return ProcSample(time.time(), t.user + t.system, p.memory_info().rss, t.system)
 
 
 def machine_load() -> dict[str, Any]:

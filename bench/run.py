@@ -287,7 +287,7 @@ def run_phase(
     r.flushall()
     ping = [] if ph.ping_s is None else [str(ph.ping_s), str(ph.ping_s)]
     if ph.target == "gateway":
-        flags = ["--audio-maxlen", str(cfg.audio_maxlen)]
+        flags = ["--audio-maxlen", str(cfg.audio_maxlen), *os.environ.get("BENCH_GATEWAY_FLAGS", "").split()]
         if ph.mode == "flood":  # the per-connection rate limit would measure itself, not the pipeline
             flags += ["--max-frames-per-s", "1000000"]
         if ping:
@@ -420,6 +420,7 @@ def run_phase(
             "frames_in_redis_window": audio_window,
             "redis_fps": audio_window / window if window else 0.0,
             "server_cpu_s": server_cpu,
+            "server_system_share": (s1.system_s - s0.system_s) / server_cpu if server_cpu else None,
             "server_cores": server_cpu / window if window else 0.0,
             "server_cpu_us_per_frame": server_cpu / audio_window * 1e6 if audio_window else None,
             "frames_per_cpu_s": audio_window / server_cpu if server_cpu else None,

@@ -164,6 +164,8 @@ class Gateway:
         if self.backend is None:  # started only by start(), after connecting
             return
         while True:
+            if self.publisher is not None:
+                self.publisher.check_stalled()
             started = time.perf_counter()
             try:
                 await self.backend.client.ping()

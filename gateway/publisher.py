@@ -76,6 +76,7 @@ class _Flight:
     batch: list[_Op]
     task: asyncio.Future[None]
     size: int  # audio bytes
+    started: float  # time.perf_counter() when written
 
 
 def now_ms() -> int:
@@ -111,6 +112,10 @@ class Publisher:
         self._raw: dict[tuple[str, int] | None, RawConnection] = {}
         self._raw_timeout_s = WRITE_SOCKET_TIMEOUT_S
         self._inflight_bytes = 0
+        self._flights: deque[_Flight] = deque()
+        self._publish_latency = metrics.redis_latency.labels("publish")
+        self._published_audio = metrics.published.labels("audio")
+        self._published_events = metrics.published.labels("event")
         self._maxlen_events = str(settings.events_maxlen).encode()
         self._maxlen_global = str(settings.global_events_maxlen).encode()
 
@@ -255,7 +260,7 @@ class Publisher:
         turn of our event loop (every ready bot socket), and the buffer would fill
         while Redis sits idle. Batches are settled in the order they were sent.
         """
-        flights: deque[_Flight] = deque()
+        flights = self._flights
         try:
             await self._pipeline(flights)
         finally:
@@ -330,7 +335,7 @@ class Publisher:
                 except Exception as exc:  # could not even connect: the batch is retried
                     failed_task: asyncio.Future[None] = loop.create_future()
                     failed_task.set_exception(exc)
-                    flights.append(_Flight(batch, failed_task, 0))
+                    flights.append(_Flight(batch, failed_task, 0, time.perf_counter()))
                     continue
                 self._inflight_bytes += flights[-1].size
                 continue
@@ -368,9 +373,43 @@ class Publisher:
                 future = asyncio.get_running_loop().create_future()
                 future.set_exception(exc)
             submitted.append((node, ops, future))
+        size = sum(op.size for op in batch)
+        if len(submitted) == 1:
+            # One node: settle in the reply's own callback, with no task or gather per
+            # batch (at light load those were most of a batch's cost). A stalled Redis
+            # is caught by check_stalled(), run from the health loop.
+            _, ops, future = submitted[0]
+            flight = _Flight(batch, asyncio.get_running_loop().create_future(), size, time.perf_counter())
+            future.add_done_callback(lambda f: self._settle_one(flight, ops, f))
+            return flight
         task = asyncio.ensure_future(self._settle(batch, submitted))
         task.add_done_callback(lambda _: self._wakeup.set())
-        return _Flight(batch, task, sum(op.size for op in batch))
+        return _Flight(batch, task, size, time.perf_counter())
+
+    def _settle_one(self, flight: _Flight, ops: list[_Op], replies: asyncio.Future[list[Any]]) -> None:
+        done = flight.task
+        if not done.done():
+            if replies.cancelled():
+                done.set_exception(RedisError("write cancelled"))
+            elif (exc := replies.exception()) is not None:
+                done.set_exception(exc)
+            else:
+                self._account(ops, replies.result())
+                self._publish_latency.observe(time.perf_counter() - flight.started)
+                done.set_result(None)
+        self._wakeup.set()
+
+    def check_stalled(self) -> bool:
+        """Give up on a batch Redis has not answered within the write timeout: its
+        connection is closed, so that it and everything after it is sent again."""
+        if self._flights and time.perf_counter() - self._flights[0].started > self._raw_timeout_s:
+            log.warning(
+                "redis did not answer a write in time, reconnecting", extra={"timeout_s": self._raw_timeout_s}
+            )
+            for conn in self._raw.values():
+                conn.close()
+            return True
+        return False
 
     async def _settle(
         self, batch: list[_Op], submitted: list[tuple[tuple[str, int] | None, list[_Op], asyncio.Future[Any]]]
@@ -414,7 +453,7 @@ class Publisher:
         if failed:
             batch[:] = failed
             raise error if isinstance(error, Exception) else RedisError(str(error))
-        self.metrics.redis_latency.labels("publish").observe(time.perf_counter() - started)
+        self._publish_latency.observe(time.perf_counter() - started)
 
     def _requeue_for_budget(self, batch: list[_Op]) -> None:
         """While we retry, audio keeps arriving: keep the whole backlog in budget."""
@@ -452,10 +491,10 @@ class Publisher:
                 self.metrics.acks_refused.inc()
                 log.info("ack refused: the bot is owned by another connection now", extra={"key": op.key})
         if audio:
-            self.metrics.published.labels("audio").inc(audio)
+            self._published_audio.inc(audio)
             self.metrics.bytes_published.inc(audio_bytes)
         if events:
-            self.metrics.published.labels("event").inc(events)
+            self._published_events.inc(events)
 
     def _set_health(self, ok: bool) -> None:
         if not ok and self.backlogged:
@@ -463,7 +502,7 @@ class Publisher:
         if ok != self.healthy:
             self.healthy = ok
             log.info("redis writes %s", "resumed" if ok else "failing")
-        self.metrics.redis_up.set(1 if ok else 0)
+            self.metrics.redis_up.set(1 if ok else 0)
 
     async def flush(self, timeout_s: float) -> bool:
         """Wait until everything buffered so far is in Redis; False on timeout."""
