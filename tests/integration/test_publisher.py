@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator
 
 import pytest
@@ -13,6 +14,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from gateway.app import Gateway
+from gateway.embedded_redis import RedisServer
 from gateway.exceptions import InternalTaskFailed
 from gateway.keys import KeySpace
 from gateway.metrics import Metrics
@@ -121,3 +123,38 @@ async def test_a_publisher_that_dies_stops_the_gateway_loudly(
         await asyncio.wait_for(run, 30)
     assert any("internal task ended" in r.getMessage() for r in caplog.records)
     assert gw.ws_server is not None and not gw.ws_server.is_serving()
+
+
+async def test_a_redis_that_stops_answering_is_given_up_on_and_nothing_is_lost() -> None:
+    """Redis frozen (SIGSTOP) mid-stream: the health loop's check gives up on the
+    unanswered batch after the write timeout, and once Redis answers again every
+    frame is there, in order."""
+    with RedisServer() as server:
+        backend = await connect(gateway_settings(server.url), server.url)
+        publisher, keyspace = _publisher(backend, server.url)
+        publisher._raw_timeout_s = 0.5
+        publisher.start()
+        keys = keyspace.bot("pub_frozen")
+        client = aioredis.Redis.from_url(server.url)
+        assert server.process is not None
+        stalls = 0
+        try:
+            for seq in range(200):
+                publisher.audio(keys, AudioFrame("s1", "Ada", bytes(960)), seq, b"c")
+                if seq == 50:
+                    server.process.send_signal(signal.SIGSTOP)
+                if seq == 150:
+                    server.process.send_signal(signal.SIGCONT)
+                await asyncio.sleep(0.01)
+                stalls += publisher.check_stalled()  # as the health loop does
+            assert await publisher.flush(20)
+            assert stalls >= 1
+            # The batch given up on may still land (Redis reads it from its socket once
+            # thawed) and is sent again: at least once, and in order of first arrival.
+            seqs = await _seqs(client, keys.audio)
+            assert sorted(set(seqs), key=seqs.index) == list(range(200))
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+            await publisher.close(5)
+            await client.aclose()
+            await backend.close()
