@@ -61,6 +61,41 @@ def limit_table(limit: list[dict[str, Any]]) -> str:
     )
 
 
+def pipeline_table(phases: list[dict[str, Any]]) -> str:
+    """The gateway's writer per phase: how often it wrote, how much, and whether it paused."""
+    rows = []
+    for p in phases:
+        pipe = p.get("gateway_pipeline")
+        if p.get("failed") or not pipe:
+            continue
+        share = p.get("server_system_share")
+        rows.append(
+            [
+                p["phase"],
+                str(p["bots"]),
+                _f(pipe["publish_roundtrips_per_s"]),
+                _f(pipe["entries_per_roundtrip"], ".1f"),
+                _f(pipe["publish_roundtrip_mean_ms"], ".2f"),
+                _f(pipe["backpressure_pauses"]),
+                _f(pipe["overload_shed"]),
+                "-" if share is None else f"{share:.0%}",
+            ]
+        )
+    return table(
+        [
+            "phase",
+            "bots",
+            "pipelines/s",
+            "frames per pipeline",
+            "pipeline round trip ms",
+            "backpressure pauses",
+            "frames shed (overload)",
+            "kernel share of gateway CPU",
+        ],
+        rows,
+    )
+
+
 def phase_table(phases: list[dict[str, Any]]) -> str:
     rows = []
     for p in phases:
@@ -284,12 +319,19 @@ def render(result: dict[str, Any]) -> str:
         f" commit {meta.get('commit')}{dirty}, Python {meta['python']}, Redis {meta.get('redis_version')},"
         f" {meta['cpus']} CPUs. Load average before {loads(lb)}, after {loads(la)}.",
     ]
+    if pinned := meta.get("pinned"):
+        parts[0] += (
+            f" The server under test ran on CPU {pinned['server']}; Redis, the load generator and"
+            f" the command writer on CPU {pinned['harness']}."
+        )
     if result.get("limit"):
         parts.append(
             "### The physical limit: redis-py XADD on this machine\n\n" + limit_table(result["limit"])
         )
     phases = result["phases"]
     parts.append("### Throughput and CPU\n\n" + phase_table(phases))
+    if any(p.get("gateway_pipeline") for p in phases):
+        parts.append("### The gateway's writer (window of each phase)\n\n" + pipeline_table(phases))
     parts.append("### Ratios, gateway ÷ reference bridge\n\n" + ratio_table(phases))
     parts.append("### Command latency, audio latency, memory\n\n" + latency_table(phases))
     parts.append("### Where frames went (overload)\n\n" + overload_table(phases))
@@ -365,7 +407,9 @@ def plot(result: dict[str, Any], path: Path, phase: str = "realtime-100ms") -> N
         ax.legend(fontsize=8)
     meta = result["meta"]
     fig.suptitle(
-        f"gateway vs reference bridge, one Redis, {meta['cpus']} shared cores ({meta['started']})",
+        f"gateway vs reference bridge, one Redis, {meta['cpus']} cores, "
+        + ("server on a core of its own" if meta.get("pinned") else "all shared")
+        + f" ({meta['started']})",
         fontsize=10,
     )
     fig.tight_layout()
