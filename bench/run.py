@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -71,6 +72,7 @@ class Config:
     limit_seconds: float = 3.0
     audio_maxlen: int = 100  # both servers: bounds Redis memory at 1,000 bots (10 s of 100 ms frames)
     settle_s: float = 1.0  # pauses: after connecting, before the start, for the server to drain
+    gateway_args: list[str] = field(default_factory=list)  # extra flags for the gateway under test
 
 
 def _both(name: str, **kw: Any) -> list[Phase]:
@@ -287,7 +289,7 @@ def run_phase(
     r.flushall()
     ping = [] if ph.ping_s is None else [str(ph.ping_s), str(ph.ping_s)]
     if ph.target == "gateway":
-        flags = ["--audio-maxlen", str(cfg.audio_maxlen), *os.environ.get("BENCH_GATEWAY_FLAGS", "").split()]
+        flags = ["--audio-maxlen", str(cfg.audio_maxlen), *cfg.gateway_args]
         if ph.mode == "flood":  # the per-connection rate limit would measure itself, not the pipeline
             flags += ["--max-frames-per-s", "1000000"]
         if ping:
@@ -583,6 +585,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-profile", action="store_true", help="skip py-spy")
     parser.add_argument("--no-limit", action="store_true", help="skip the redis-py XADD limit")
     parser.add_argument(
+        "--gateway-args", default="", help='extra gateway flags, e.g. "--publish-interval-ms 5"'
+    )
+    parser.add_argument(
         "--no-pin", action="store_true", help="let the server share all cores with the generator and Redis"
     )
     args = parser.parse_args(argv)
@@ -611,6 +616,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         name = "tiny" if args.tiny else "quick" if args.quick else "full"
         cfg = config(name, args.processes, not args.no_profile)
+    cfg.gateway_args = shlex.split(args.gateway_args)
     result = run(cfg, args.only, limit=not args.no_limit, pin=not args.no_pin)
     print(f"[bench] results: {result['meta']['path']}")
     from bench.report import render
