@@ -374,10 +374,11 @@ class Publisher:
                 future.set_exception(exc)
             submitted.append((node, ops, future))
         size = sum(op.size for op in batch)
-        if len(submitted) == 1:
-            # One node: settle in the reply's own callback, with no task or gather per
+        if not self.backend.is_cluster:
+            # One Redis: settle in the reply's own callback, with no task or gather per
             # batch (at light load those were most of a batch's cost). A stalled Redis
-            # is caught by check_stalled(), run from the health loop.
+            # is caught by check_stalled(), run from the health loop. (A Cluster's
+            # batches need _settle: a node may redirect some of them.)
             _, ops, future = submitted[0]
             flight = _Flight(batch, asyncio.get_running_loop().create_future(), size, time.perf_counter())
             future.add_done_callback(lambda f: self._settle_one(flight, ops, f))
@@ -414,8 +415,9 @@ class Publisher:
     async def _settle(
         self, batch: list[_Op], submitted: list[tuple[tuple[str, int] | None, list[_Op], asyncio.Future[Any]]]
     ) -> None:
-        """Account for what landed. Raises if any node failed, with the batch trimmed to
-        the part that did not land, so that a retry repeats nothing that succeeded."""
+        """A Cluster batch: account for what landed. Raises if any node failed (or
+        redirected), with the batch trimmed to the part that did not land, so that a
+        retry repeats nothing that succeeded."""
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._raw_timeout_s):
@@ -428,13 +430,10 @@ class Publisher:
         failed: list[_Op] = []
         redirected: list[_Op] = []
         error: BaseException | None = None
-        for (node, ops, _), result in zip(submitted, results, strict=True):
+        for (_, ops, _), result in zip(submitted, results, strict=True):
             if isinstance(result, BaseException):
                 failed += ops
                 error = result
-                continue
-            if node is None:
-                self._account(ops, result)
                 continue
             landed: list[_Op] = []
             replies: list[Any] = []
