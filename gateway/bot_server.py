@@ -21,7 +21,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidState
 from websockets.http11 import Request, Response
 
 from gateway.auth import AuthError, Claims, check_bot, redact_query, split_secrets, token_from_request, verify
@@ -61,6 +61,7 @@ CLOSE_TRY_AGAIN = 1013
 SETUP_ATTEMPTS = 3
 RATE_BURST_S = 2.0
 KEEPALIVE_TICKS = 10  # keepalive checks per ping interval: how finely pings are spread
+KEEPALIVE_SLICES = 10  # each check of all connections is spread over this many loop turns
 MAX_PAUSE_S = 1.0  # longest backpressure pause; then at least as long reading
 CLOSE_FORBIDDEN = 4403
 CLOSE_IDLE = 4410
@@ -103,7 +104,8 @@ def send_ping(ws: ServerConnection) -> None:
     ``await ws.ping()`` needs a task per ping and a future per pong; the keepalive
     only needs to know that something came back.
     """
-    with contextlib.suppress(Exception):  # closing: the close handshake decides
+    # Closing (InvalidState) or the transport gone: the close handshake decides.
+    with contextlib.suppress(InvalidState, OSError, RuntimeError):
         ws.protocol.send_ping(b"ka")
         ws.send_data()
 
@@ -736,11 +738,15 @@ class BotServer:
         """
         interval_s = self.settings.ws_ping_interval_s
         timeout_s = self.settings.ws_ping_timeout_s
-        tick_s = min(interval_s, timeout_s) / KEEPALIVE_TICKS
+        # Each connection is checked KEEPALIVE_TICKS times per interval, a slice of
+        # them per tick, so that 20,000 connections never cost one long loop turn.
+        tick_s = min(interval_s, timeout_s) / KEEPALIVE_TICKS / KEEPALIVE_SLICES
+        tick = 0
         while True:
             await asyncio.sleep(tick_s)
+            tick += 1
             now = self._clock()
-            for session in self.registry:
+            for session in self.registry.snapshot()[tick % KEEPALIVE_SLICES :: KEEPALIVE_SLICES]:
                 for conn in (session.audio, session.control):
                     if conn is not None:
                         self._keepalive_check(conn, now, interval_s, timeout_s)

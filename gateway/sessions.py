@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from websockets.asyncio.server import ServerConnection
@@ -307,5 +307,9 @@ class SessionRegistry:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(list(self._sessions.values()))
+    def __iter__(self) -> Iterator[BotSession]:
+        return iter(self.snapshot())
+
+    def snapshot(self) -> list[BotSession]:
+        """The sessions now (a copy: callers may attach and detach while walking it)."""
+        return list(self._sessions.values())
