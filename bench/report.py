@@ -49,7 +49,7 @@ def limit_table(limit: list[dict[str, Any]]) -> str:
     ]
     return table(
         [
-            "redis-py XADD",
+            "client",
             "PCM bytes",
             "batch",
             "XADD/s",
@@ -326,7 +326,8 @@ def render(result: dict[str, Any]) -> str:
         )
     if result.get("limit"):
         parts.append(
-            "### The physical limit: redis-py XADD on this machine\n\n" + limit_table(result["limit"])
+            "### The physical limit: the same XADD from redis-benchmark and redis-py\n\n"
+            + limit_table(result["limit"])
         )
     phases = result["phases"]
     parts.append("### Throughput and CPU\n\n" + phase_table(phases))

@@ -528,8 +528,14 @@ def _run(cfg: Config, only: str | None, limit: bool, results_dir: Path, pin: boo
     with RedisServer() as server:
         result["meta"]["redis_version"] = redis.Redis.from_url(server.url).info("server")["redis_version"]
         if limit:
-            print(f"[bench] redis-py XADD limit ({cfg.limit_seconds}s each)", flush=True)
-            result["limit"] = redis_limit.run_all(server.url, seconds=cfg.limit_seconds)
+            print(f"[bench] XADD limit: redis-benchmark and redis-py ({cfg.limit_seconds}s each)", flush=True)
+            if cores is not None:  # the client on the other core: Redis keeps a core to itself
+                os.sched_setaffinity(0, cores[1])
+            try:
+                result["limit"] = redis_limit.run_all(server.url, seconds=cfg.limit_seconds)
+            finally:
+                if cores is not None:
+                    os.sched_setaffinity(0, cores[0])
         for ph in cfg.phases:
             if only and only not in ph.name:
                 continue
