@@ -128,6 +128,7 @@ class LoadResult:
     frames_blocked: int = 0
     frames_blocked_window: int = 0
     frames_on_closed: int = 0
+    max_write_buffer_bytes: int = 0  # the most any bot held unsent in its own buffer: how far behind
     lateness_ms: list[float] = field(default_factory=list)
     cmd_latency_ms: list[float] = field(default_factory=list)
     commands_received: int = 0
@@ -236,9 +237,12 @@ class _Run:
                 sent = blocked = closed = 0
                 for bot in group:
                     transport = bot.audio.transport  # type: ignore[union-attr]
+                    held = transport.get_write_buffer_size()
+                    if held > res.max_write_buffer_bytes:
+                        res.max_write_buffer_bytes = held
                     if transport.is_closing():
                         closed += per_bot
-                    elif transport.get_write_buffer_size() > limit:
+                    elif held > limit:
                         blocked += per_bot
                     else:
                         for sender in bot.senders:
@@ -452,6 +456,8 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
                     total[k] = (total[k] + "; " + v).strip("; ")
             elif isinstance(v, list):
                 total[k].extend(v)
+            elif k.startswith("max_"):
+                total[k] = max(total[k], v)
             elif isinstance(v, int | float):
                 total[k] += v
         total["cpu_window_s_per_process"].append(r.get("cpu_window_s", 0.0))

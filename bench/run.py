@@ -415,6 +415,12 @@ def run_phase(
             "send_lateness_ms": dist(load["lateness_ms"]),
             "frames_sent": load["frames_sent"],
             "frames_blocked_at_bot": load["frames_blocked"],
+            # How far the generator itself fell behind: the most audio any bot held unsent
+            # in its own buffer (written late, in a burst, once the socket took it).
+            "loadgen_behind_s": load.get("max_write_buffer_bytes", 0)
+            / max(1, (ph.frame_ms * 96 + 64) * ph.speakers)
+            * ph.frame_ms
+            / 1000,
             "frames_on_closed_socket": load["frames_on_closed"],
             "frames_in_redis": int(audio_total),
             "frames_lost": lost,

@@ -59,7 +59,6 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN = 1013
 SETUP_ATTEMPTS = 3
-RATE_BURST_S = 2.0
 KEEPALIVE_TICKS = 10  # keepalive checks per ping interval: how finely pings are spread
 KEEPALIVE_SLICES = 10  # each check of all connections is spread over this many loop turns
 MAX_PAUSE_S = 1.0  # longest backpressure pause; then at least as long reading
@@ -317,13 +316,15 @@ class BotServer:
         conn.watchdog = loop.call_later(idle_s / 2, check)
 
     def _over_rate(self, conn: BotConnection, now: float) -> bool:
-        """A token bucket per connection holding ``RATE_BURST_S`` seconds of messages.
+        """A token bucket per connection holding ``rate_burst_s`` seconds of messages.
 
-        The burst matters: after backpressure (or a network hiccup) a healthy bot's
-        frames arrive in a catch-up burst, and that is not abuse.
+        The burst matters: after backpressure, a network hiccup, or a Redis that
+        fell behind, a healthy bot's frames arrive in a catch-up burst, and that
+        is not abuse. With 2 s, 1,000 bots x 20 ms on a saturated machine lost
+        5% of their audio this way (their backlog sat in TCP buffers for >10 s).
         """
         rate = self.settings.max_frames_per_s
-        tokens = min(rate * RATE_BURST_S, conn.tokens + (now - conn.tokens_at) * rate)
+        tokens = min(rate * self.settings.rate_burst_s, conn.tokens + (now - conn.tokens_at) * rate)
         conn.tokens_at = now
         if tokens < 1.0:
             conn.tokens = tokens

@@ -54,6 +54,9 @@ class Settings:
         64 << 10, "Largest control-channel message; larger ones are dropped"
     )
     max_frames_per_s: float = _opt(250.0, "Messages per second a connection may send; the excess is dropped")
+    rate_burst_s: float = _opt(
+        10.0, "Seconds of that rate a connection may send at once (a catch-up after a stall is not abuse)"
+    )
     max_connections: int = _opt(20_000, "Bot connections per replica; beyond it new ones get HTTP 503")
     idle_timeout_s: float = _opt(
         0.0, "Close a connection silent this long (0: off; pings already catch dead peers)"
@@ -138,6 +141,7 @@ class Settings:
             "redis_max_connections",
             "control_max_message_bytes",
             "max_frames_per_s",
+            "rate_burst_s",
             "max_connections",
             "send_timeout_s",
             "publish_backpressure_bytes",

@@ -101,7 +101,7 @@ async def test_no_token_reaches_a_log_line(redis_url):
 
 
 async def test_rate_limit_drops_the_excess_and_counts_it(redis_url, redis_client):
-    async with running_gateway(redis_url, max_frames_per_s=20) as gw:
+    async with running_gateway(redis_url, max_frames_per_s=20, rate_burst_s=2.0) as gw:
         bot = SimulatedBot(ws_url(gw), "bot_flood")
         await bot.connect_audio()
         frame = AudioFrame("s", "Ada", b"\x00\x00" * 48)
