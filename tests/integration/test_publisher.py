@@ -21,7 +21,7 @@ from gateway.metrics import Metrics
 from gateway.protocol import AudioFrame
 from gateway.publisher import Publisher
 from gateway.redis_conn import RawConnection, RedisBackend, connect
-from tests.conftest import gateway_settings
+from tests.conftest import gateway_settings, running_gateway
 from tests.helpers import eventually
 
 BOTS = ("pub_a", "pub_b", "pub_c")
@@ -158,3 +158,19 @@ async def test_a_redis_that_stops_answering_is_given_up_on_and_nothing_is_lost()
             await publisher.close(5)
             await client.aclose()
             await backend.close()
+
+
+async def test_the_gateway_freezes_its_startup_objects_and_times_every_collection(redis_url: str) -> None:
+    """Start-up objects are moved out of the collector's sight, and a collection
+    shows in meetstream_gateway_gc_pause_seconds (the loop stops for each)."""
+    import gc
+
+    gc.unfreeze()  # earlier gateways in this process froze theirs
+    assert gc.get_freeze_count() == 0
+    async with running_gateway(redis_url) as gw:
+        assert gc.get_freeze_count() > 10_000  # modules, settings, clients: all long-lived
+        sample = "meetstream_gateway_gc_pause_seconds_count"
+        before = gw.metrics.registry.get_sample_value(sample, {"generation": "2"}) or 0
+        gc.collect()
+        after = gw.metrics.registry.get_sample_value(sample, {"generation": "2"})
+        assert after == before + 1
