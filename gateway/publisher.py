@@ -74,7 +74,7 @@ class _Flight:
     """A batch on the wire, and the task that settles it."""
 
     batch: list[_Op]
-    task: asyncio.Future[None]
+    settled: asyncio.Future[None]  # done once accounted for; fails if the batch must be sent again
     size: int  # audio bytes
     started: float  # time.perf_counter() when written
 
@@ -265,7 +265,7 @@ class Publisher:
             await self._pipeline(flights)
         finally:
             for flight in flights:
-                flight.task.cancel()
+                flight.settled.cancel()
 
     async def _pipeline(self, flights: deque[_Flight]) -> None:
         backoff_s = 0.05
@@ -276,10 +276,10 @@ class Publisher:
         batch_max = self.settings.publish_batch_max
         last_flush = 0.0
         while True:
-            while flights and flights[0].task.done():
+            while flights and flights[0].settled.done():
                 flight = flights.popleft()
                 self._inflight_bytes -= flight.size
-                if flight.task.exception() is None:
+                if flight.settled.exception() is None:
                     self._set_health(True)
                     backoff_s = 0.05
                     continue
@@ -287,14 +287,14 @@ class Publisher:
                 # with it), then take back every batch that did not land, in order.
                 # Anything but a Redis or socket error is a bug: say so loudly, but
                 # keep the accepted data and stay not-ready rather than die.
-                exc = flight.task.exception()
+                exc = flight.settled.exception()
                 failed = list(flight.batch)
                 if flights:
-                    await asyncio.wait([f.task for f in flights])
+                    await asyncio.wait([f.settled for f in flights])
                 while flights:
                     other = flights.popleft()
                     self._inflight_bytes -= other.size
-                    if other.task.exception() is not None:
+                    if other.settled.exception() is not None:
                         failed += other.batch
                 retry = sorted(failed + retry)
                 self._set_health(False)
@@ -317,7 +317,7 @@ class Publisher:
                 if flights and not all(conn.connected for conn in self._raw.values()):
                     # A connection was lost under batches not settled yet: they will
                     # fail and be sent again, so nothing may overtake them on a new one.
-                    await asyncio.wait([f.task for f in flights])
+                    await asyncio.wait([f.settled for f in flights])
                     continue
                 if retry:
                     batch, retry = retry, []
@@ -388,7 +388,7 @@ class Publisher:
         return _Flight(batch, task, size, time.perf_counter())
 
     def _settle_one(self, flight: _Flight, ops: list[_Op], replies: asyncio.Future[list[Any]]) -> None:
-        done = flight.task
+        done = flight.settled
         if not done.done():
             if replies.cancelled():
                 done.set_exception(RedisError("write cancelled"))

@@ -121,6 +121,33 @@ async def test_rate_limit_drops_the_excess_and_counts_it(redis_url, redis_client
         await bot.close()
 
 
+async def test_a_catch_up_after_a_stall_is_not_taken_for_abuse(redis_url, redis_client):
+    """The gateway stops reading a bot for 5 s (as behind a saturated Redis); the bot
+    keeps streaming within its rate, and its backlog then arrives at once. The default
+    burst (10 s of the rate) takes it whole; the old 2 s burst dropped most of it."""
+    async with running_gateway(redis_url, max_frames_per_s=25) as gw:
+        bot = SimulatedBot(ws_url(gw), "bot_catch_up", record_sent=False)
+        await bot.connect_audio()
+        session = await eventually(lambda: gw.bots.registry.get("bot_catch_up"))
+        session.audio.ws.transport.pause_reading()
+        frame = AudioFrame("s", "Ada", b"\x00\x00" * 480)
+        for _ in range(100):  # 5 s at 20 frames/s, under the 25/s limit
+            await bot.send_frame(frame)
+            await asyncio.sleep(0.05)
+        session.audio.ws.transport.resume_reading()
+        keys = gw.keyspace.bot("bot_catch_up")
+
+        async def stored() -> bool:
+            return await redis_client.xlen(keys.audio) == 100
+
+        await eventually(stored, 10, 0.05)
+        dropped = gw.metrics.registry.get_sample_value(
+            "meetstream_gateway_frames_dropped_total", {"reason": "rate_limited"}
+        )
+        assert not dropped
+        await bot.close()
+
+
 async def test_oversized_messages(redis_url):
     async with (
         running_gateway(redis_url, control_max_message_bytes=1000, ws_max_message_bytes=100_000) as gw,
