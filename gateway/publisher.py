@@ -275,6 +275,7 @@ class Publisher:
         depth = self.settings.publish_pipeline_depth
         batch_max = self.settings.publish_batch_max
         last_flush = 0.0
+        waited = False
         while True:
             while flights and flights[0].settled.done():
                 flight = flights.popleft()
@@ -323,11 +324,15 @@ class Publisher:
                     batch, retry = retry, []
                 else:
                     # Let a few frames pile up between writes: each costs a syscall and
-                    # a wake-up whether it carries 2 frames or 200.
+                    # a wake-up whether it carries 2 frames or 200. Wait once per batch:
+                    # uvloop's clock ticks in whole milliseconds, so waiting until it
+                    # shows the interval over would spin through zero-delay timers.
                     wait_s = last_flush + interval_s - loop.time()
-                    if wait_s > 0 and not self._closing and len(self._audio) < batch_max:
+                    if wait_s > 0 and not waited and not self._closing and len(self._audio) < batch_max:
+                        waited = True
                         await asyncio.sleep(wait_s)
                         continue  # flights may have settled meanwhile
+                    waited = False
                     last_flush = loop.time()
                     batch = self._take_batch()
                 try:
