@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 #: Largest frame held back to be split here; larger ones go to websockets' parser.
 MAX_HELD_FRAME = 256 * 1024
+CLOCK_TICK_S = 0.001  # uvloop's clock resolution
 _AT_EOF = StreamReader.at_eof.__code__
 
 _conn_counter = itertools.count()
@@ -204,6 +205,9 @@ class Outbox:
         if deadline is None:
             await self._wakeup.wait()
             return
+        # uvloop's clock and timers tick in whole milliseconds: a timer for less than
+        # a tick fires at once, again and again, until the clock moves. Wait a tick.
+        deadline = max(deadline, self.clock() + CLOCK_TICK_S)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(deadline):
                 await self._wakeup.wait()
