@@ -11,6 +11,7 @@ import array
 import asyncio
 import contextlib
 import fcntl
+import functools
 import http
 import logging
 import math
@@ -377,11 +378,8 @@ class BotServer:
         conn.audio_keys = self.keyspace.bot(conn.bot_id)
         conn.conn_b = conn.conn_id.encode()
 
-        def on_binary(data: bytes) -> None:
-            self._audio_message(conn, route, data)
-
         if isinstance(ws, BotWebSocket):
-            ws.on_binary = on_binary
+            ws.on_binary = functools.partial(self._audio_message, conn, route)  # no Python frame of its own
         # Cancelling this loop loses nothing accepted: each message is handed to the
         # publisher synchronously, before the next await. Most binary frames do not
         # even come through here (see BotWebSocket); text frames always do.

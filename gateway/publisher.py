@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from time import time_ns
 from typing import Any
 
 import hiredis
@@ -124,7 +125,7 @@ class Publisher:
     def audio(self, keys: BotKeys, frame: AudioFrame, seq: int, conn_id: bytes) -> None:
         size = len(frame.pcm)
         payload = self._audio_encoder.encode(
-            keys.audio, frame.speaker_id, frame.speaker_name, frame.pcm, seq, conn_id, now_ms()
+            keys.audio, frame.speaker_id, frame.speaker_name, frame.pcm, seq, conn_id, time_ns() // 1_000_000
         )
         self._seq += 1
         self._audio.append(_Op(self._seq, "audio", keys.audio, payload, size))

@@ -99,6 +99,11 @@ class BotWebSocket(ServerConnection):
         protocol = self.protocol
         queued = self.recv_messages.frames
         max_payload = self._max_payload
+        # Whether a frame may bypass websockets: open, and no message of its waiting to
+        # be read (it would be overtaken). Only websockets' parser changes either while
+        # this runs (a close from another task happens after it), so it is checked
+        # again after each frame handed to it, not for every frame.
+        bypass = protocol.state is OPEN and not len(queued)
         end = len(data)
         pos = 0
         while pos < end:
@@ -111,11 +116,10 @@ class BotWebSocket(ServerConnection):
                     super().data_received(data[pos:])
                 return
             if (
-                span.first == FINAL_BINARY
+                bypass
+                and span.first == FINAL_BINARY
                 and span.masked
                 and span.size - span.head <= max_payload
-                and not len(queued)
-                and protocol.state is OPEN
                 and protocol.current_size is None  # not inside a fragmented message
             ):
                 mask_at = pos + span.head - 4
@@ -132,6 +136,7 @@ class BotWebSocket(ServerConnection):
                     if nxt < end:
                         super().data_received(data[nxt:])
                     return
+                bypass = not len(queued)
             pos = nxt
 
     def _holdable(self, span: FrameSpan) -> bool:

@@ -49,4 +49,8 @@ def scan_frame(data: bytes, start: int = 0) -> FrameSpan | None:
     masked = bool(second & 0x80)
     if masked:
         head += 4
-    return FrameSpan(first, head, head + length, masked)
+    return _new_span(FrameSpan, (first, head, head + length, masked))
+
+
+# Run for every audio frame: tuple.__new__ skips the NamedTuple's Python-level __new__.
+_new_span = tuple.__new__

@@ -103,3 +103,18 @@ def test_tiny_benchmark_runs_and_results_are_complete(tmp_path) -> None:  # type
         assert heading in text
     report.plot(result, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_hotpath_benchmark_runs_and_every_frame_reaches_redis(redis_url: str) -> None:
+    """The hot-path benchmark drives a real gateway; its figures mean something only
+    if every frame it handed over was published (20 ms frames, one and ten per read)."""
+    import uvloop
+
+    from bench.hotpath import measure
+
+    for per_read in (1, 10):
+        row = uvloop.run(measure(redis_url, frame_ms=20, frames=500, per_read=per_read, burst=100))
+        assert row["frames"] == 500
+        assert row["published"] == 500
+        assert row["stored_xlen"] == 500
+        assert row["inside_us_per_frame_median"] > 0
