@@ -319,7 +319,10 @@ class RawConnection:
         await self.connect()
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await asyncio.shield(self.submit(payload, replies))
+                # Not shielded: a timeout or cancellation closes the connection below,
+                # failing everything else on it anyway; and a shield costs a turn of
+                # the event loop per reply, which under load is command latency.
+                return await self.submit(payload, replies)
         except BaseException:
             self.close()
             raise
