@@ -161,6 +161,27 @@ class BotWebSocket(ServerConnection):
         self._max_payload = getattr(protocol, "max_message_size", None) or 0
         return True
 
+    def can_send_now(self) -> bool:
+        """Whether :meth:`send_now` may write: open, no fragmented message going out,
+        and the transport below its high-water mark (so ``send()`` would not wait)."""
+        return (
+            self.protocol.state is OPEN
+            and self.send_in_progress is None
+            and not self.paused
+            and not self.transport.is_closing()
+        )
+
+    def send_now(self, text: str) -> None:
+        """Write a text message without waiting, as ``send()`` does when it need not wait.
+
+        Only after :meth:`can_send_now`: this is how the command reader hands a
+        command to an idle bot in the same turn of the event loop, instead of
+        waking the bot's sender task for it (one more turn: under load, a pass
+        over every ready socket).
+        """
+        self.protocol.send_text(text.encode())
+        self.send_data()
+
     def process_event(self, event: Event) -> None:
         on_binary = self.on_binary
         if (
@@ -240,6 +261,7 @@ class BotConnection:
     ready: bool = False
     outbox: Outbox | None = None
     sender: asyncio.Task[None] | None = None
+    sending: bool = False  # the sender task is inside ws.send(): nobody else may write
     # Ownership of the bot's commands, as recorded in Redis: (owner key, "gateway_id/conn_id").
     owner: tuple[str, str] | None = None
     evicted_by: str | None = None  # the gateway that took this bot over, to hand leftovers to

@@ -136,6 +136,45 @@ async def test_commands_keep_stream_order(gateway, redis_client):
     assert [c["message"] for c in bot.commands()] == [str(i) for i in range(200)]
 
 
+async def test_a_command_for_an_idle_bot_is_written_in_the_readers_turn(gateway, redis_client, monkeypatch):
+    """The reader writes a command to an idle bot itself instead of waking the bot's
+    sender task for it: one turn of the event loop less, and under load a turn is a
+    pass over every ready socket (command p99 at 500 bots x 20 ms: 4.4-4.7 ms
+    against 4.8-5.2 ms). Order and acks are as before (the other tests here)."""
+    from gateway.sessions import BotWebSocket
+
+    by_reader: list[str] = []
+    by_sender: list[object] = []
+    send_now, send = BotWebSocket.send_now, BotWebSocket.send
+
+    def spy_send_now(self, text):
+        by_reader.append(text)
+        send_now(self, text)
+
+    async def spy_send(self, message, *args, **kwargs):
+        by_sender.append(message)
+        await send(self, message, *args, **kwargs)
+
+    monkeypatch.setattr(BotWebSocket, "send_now", spy_send_now)
+    monkeypatch.setattr(BotWebSocket, "send", spy_send)
+    async with SimulatedBot(ws_url(gateway), "bot_fast") as bot:
+        keys = gateway.keyspace.bot("bot_fast")
+        for i in range(3):
+            command = {"command": "sendmsg", "message": str(i)}
+            await redis_client.xadd(keys.commands, {"json": json.dumps(command)})
+            assert (await bot.next_command(timeout=10, after=i))["message"] == str(i)
+        pending = await eventually(lambda: _pending_is(redis_client, keys.commands, 0))
+    assert pending
+    assert [json.loads(text)["message"] for text in by_reader] == ["0", "1", "2"]
+    assert by_sender == []
+
+
+async def _pending_is(client, key: str, n: int) -> bool:
+    from gateway.keys import COMMAND_GROUP
+
+    return (await client.xpending(key, COMMAND_GROUP))["pending"] == n
+
+
 async def test_commands_written_before_the_bot_are_delivered_on_ready_unless_expired(redis_url, redis_client):
     async with running_gateway(redis_url, command_max_age_s=2.0) as gw:
         keys = gw.keyspace.bot("bot_early")
