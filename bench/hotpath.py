@@ -110,9 +110,7 @@ async def measure(redis_url: str, frame_ms: int, frames: int, per_read: int, bur
         }
     finally:
         await client.aclose()
-        for ws_ in (bot.audio, bot.control):
-            if ws_ is not None:
-                await ws_.close()
+        await bot.close()
         await asyncio.wait_for(gw.stop(), 30)
 
 

@@ -27,7 +27,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from time import time_ns
 from typing import Any
 
 import hiredis
@@ -125,7 +124,7 @@ class Publisher:
     def audio(self, keys: BotKeys, frame: AudioFrame, seq: int, conn_id: bytes) -> None:
         size = len(frame.pcm)
         payload = self._audio_encoder.encode(
-            keys.audio, frame.speaker_id, frame.speaker_name, frame.pcm, seq, conn_id, time_ns() // 1_000_000
+            keys.audio, frame.speaker_id, frame.speaker_name, frame.pcm, seq, conn_id, now_ms()
         )
         self._seq += 1
         self._audio.append(_Op(self._seq, "audio", keys.audio, payload, size))
