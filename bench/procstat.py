@@ -25,12 +25,27 @@ class ProcSample:
     cpu_s: float  # user + system, this process only
     rss_bytes: int
     system_s: float = 0.0  # the kernel's part of cpu_s (syscalls, and loopback TCP work done for us)
+    # Times the main thread (the event loop's) went to sleep for want of work: each is a
+    # wake-up, paid for whatever it then finds to do. 0 where the kernel does not say.
+    wakeups: int = 0
+
+
+def loop_wakeups(pid: int) -> int:
+    """Voluntary context switches of the process's main thread (Linux), else 0."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def sample(pid: int) -> ProcSample:
     p = psutil.Process(pid)
     t = p.cpu_times()
-    return ProcSample(time.time(), t.user + t.system, p.memory_info().rss, t.system)
+    return ProcSample(time.time(), t.user + t.system, p.memory_info().rss, t.system, loop_wakeups(pid))
 
 
 def machine_load() -> dict[str, Any]:

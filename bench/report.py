@@ -96,6 +96,43 @@ def pipeline_table(phases: list[dict[str, Any]]) -> str:
     )
 
 
+def wakeup_table(phases: list[dict[str, Any]]) -> str:
+    """How often each server's event loop went to sleep and woke again, and what a wake-up cost.
+
+    At light load a frame arrives alone, so every frame is a wake-up of its own: this
+    is the floor under CPU per frame that batching cannot lower, for either server.
+    """
+    rows = []
+    for p in phases:
+        if p.get("failed") or not p.get("server_wakeups_per_s"):
+            continue
+        rows.append(
+            [
+                p["phase"],
+                p["target"],
+                str(p["bots"]),
+                _f(p["redis_fps"]),
+                _f(p["server_wakeups_per_s"]),
+                _f(p.get("server_wakeups_per_frame"), ".2f"),
+                _f(p.get("server_cpu_us_per_wakeup"), ".1f"),
+                _f(p.get("server_cpu_us_per_frame"), ".1f"),
+            ]
+        )
+    return table(
+        [
+            "phase",
+            "server",
+            "bots",
+            "in Redis f/s",
+            "loop wake-ups/s",
+            "wake-ups per frame",
+            "server CPU µs per wake-up",
+            "server CPU µs per frame",
+        ],
+        rows,
+    )
+
+
 def phase_table(phases: list[dict[str, Any]]) -> str:
     rows = []
     for p in phases:
@@ -335,6 +372,8 @@ def render(result: dict[str, Any]) -> str:
     parts.append("### Throughput and CPU\n\n" + phase_table(phases))
     if any(p.get("gateway_pipeline") for p in phases):
         parts.append("### The gateway's writer (window of each phase)\n\n" + pipeline_table(phases))
+    if any(p.get("server_wakeups_per_s") for p in phases):
+        parts.append("### Event-loop wake-ups (window of each phase)\n\n" + wakeup_table(phases))
     parts.append("### Ratios, gateway ÷ reference bridge\n\n" + ratio_table(phases))
     parts.append("### Command latency, audio latency, memory\n\n" + latency_table(phases))
     parts.append("### Where frames went (overload)\n\n" + overload_table(phases))

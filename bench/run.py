@@ -396,6 +396,7 @@ def run_phase(
     else:
         audio_total, audio_window = audio_xadds_total, audio_xadds_window
     server_cpu = s1.cpu_s - s0.cpu_s
+    wakeups = s1.wakeups - s0.wakeups
     redis_cpu = rs1.cpu_s - rs0.cpu_s
     intended = ph.bots * ph.speakers * 1000 / ph.frame_ms if ph.mode == "realtime" else None
     offered = load["frames_sent_window"] / window if window else 0.0
@@ -432,6 +433,9 @@ def run_phase(
             "server_cores": server_cpu / window if window else 0.0,
             "server_cpu_us_per_frame": server_cpu / audio_window * 1e6 if audio_window else None,
             "frames_per_cpu_s": audio_window / server_cpu if server_cpu else None,
+            "server_wakeups_per_s": wakeups / window if window else 0.0,
+            "server_wakeups_per_frame": wakeups / audio_window if audio_window else None,
+            "server_cpu_us_per_wakeup": server_cpu / wakeups * 1e6 if wakeups else None,
             "redis_cpu_s": redis_cpu,
             "redis_cores": redis_cpu / window if window else 0.0,
             "redis_cpu_us_per_frame": redis_cpu / audio_window * 1e6 if audio_window else None,

@@ -7,6 +7,7 @@ offered, counted and written, commands were timed, CPU was read, and the report 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -88,6 +89,8 @@ def test_tiny_benchmark_runs_and_results_are_complete(tmp_path) -> None:  # type
         assert p["server_cpu_s"] > 0 and p["frames_per_cpu_s"] > 0 and p["server_cpu_us_per_frame"] > 0
         assert p["redis_cpu_s"] >= 0 and p["window_s"] > 0
         assert p["rss_streaming_bytes"] > 0
+        if sys.platform == "linux":  # the loop's wake-ups come from /proc
+            assert p["server_wakeups_per_s"] > 0 and p["server_cpu_us_per_wakeup"] > 0
         assert p["ingest_latency_ms"]["n"] > 0 and p["ingest_latency_ms"]["p50"] > 0
         if p["mode"] == "realtime":
             assert p["intended_fps"] == p["bots"] * 10
@@ -99,7 +102,10 @@ def test_tiny_benchmark_runs_and_results_are_complete(tmp_path) -> None:  # type
             assert p["gateway_received_total"] >= p["frames_in_redis"]
 
     text = report.render(result)
-    for heading in ("physical limit", "Throughput and CPU", "Ratios", "Command latency", "overload"):
+    headings = ["physical limit", "Throughput and CPU", "Ratios", "Command latency", "overload"]
+    if sys.platform == "linux":
+        headings.append("Event-loop wake-ups")
+    for heading in headings:
         assert heading in text
     report.plot(result, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
@@ -118,3 +124,15 @@ def test_hotpath_benchmark_runs_and_every_frame_reaches_redis(redis_url: str) ->
         assert row["published"] == 500
         assert row["stored_xlen"] == 500
         assert row["inside_us_per_frame_median"] > 0
+
+
+def test_floor_benchmark_runs_and_reads_the_servers_cpu() -> None:
+    """The do-nothing server the gateway's light-load figures are set against: it
+    completes the bots' handshakes, receives their frames, and its CPU is read."""
+    from bench.floor import measure
+
+    row = measure(bots=5, frame_ms=100, window_s=1.0, warmup_s=0.5)
+    assert row["offered_fps"] > 20  # 5 bots x 10 frames/s, give or take the window's edges
+    assert row["server_cpu_us_per_frame"] >= 0  # (a second of 50 frames may cost under a clock tick)
+    if sys.platform == "linux":  # the server's own loop woke for them
+        assert row["wakeups_per_s"] > 0
