@@ -89,11 +89,11 @@ def test_tiny_benchmark_runs_and_results_are_complete(tmp_path) -> None:  # type
         assert p["server_cpu_s"] > 0 and p["frames_per_cpu_s"] > 0 and p["server_cpu_us_per_frame"] > 0
         assert p["redis_cpu_s"] >= 0 and p["window_s"] > 0
         assert p["rss_streaming_bytes"] > 0
-        if sys.platform == "linux":  # the loop's wake-ups come from /proc
-            assert p["server_wakeups_per_s"] > 0 and p["server_cpu_us_per_wakeup"] > 0
         assert p["ingest_latency_ms"]["n"] > 0 and p["ingest_latency_ms"]["p50"] > 0
         if p["mode"] == "realtime":
             assert p["intended_fps"] == p["bots"] * 10
+            if sys.platform == "linux":  # from /proc; a flood may keep a loop from ever idling
+                assert p["server_wakeups_per_s"] > 0 and p["server_cpu_us_per_wakeup"] > 0
             assert p["offered_fps"] > 0 and p["send_lateness_ms"]["n"] > 0
             assert p["commands_written"] > 0 and p["commands_received"] > 0
             lat = p["command_latency_ms"]
@@ -126,7 +126,7 @@ def test_hotpath_benchmark_runs_and_every_frame_reaches_redis(redis_url: str) ->
         assert row["inside_us_per_frame_median"] > 0
 
 
-def test_floor_benchmark_runs_and_reads_the_servers_cpu() -> None:
+def test_floor_benchmark_runs_and_its_server_wakes_for_the_frames() -> None:
     """The do-nothing server the gateway's light-load figures are set against: it
     completes the bots' handshakes, receives their frames, and its CPU is read."""
     from bench.floor import measure
