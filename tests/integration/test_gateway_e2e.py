@@ -169,6 +169,43 @@ async def test_a_command_for_an_idle_bot_is_written_in_the_readers_turn(gateway,
     assert by_sender == []
 
 
+async def test_the_reader_never_writes_while_the_bots_sender_is_mid_write(gateway, redis_client, monkeypatch):
+    """The other side of the reader's direct write: while the bot's sender task is
+    inside a write (here held open; in life, woken from a full socket but not run
+    yet), a command the reader takes is left to that task, so nothing overtakes
+    what it is writing."""
+    from gateway.sessions import BotWebSocket
+
+    in_send, gate = asyncio.Event(), asyncio.Event()
+    reader_may_write = False
+    can_send_now, send = BotWebSocket.can_send_now, BotWebSocket.send
+
+    def gated_can_send_now(self):
+        return reader_may_write and can_send_now(self)
+
+    async def held_send(self, message, *args, **kwargs):
+        if not in_send.is_set():
+            in_send.set()
+            await gate.wait()
+        await send(self, message, *args, **kwargs)
+
+    monkeypatch.setattr(BotWebSocket, "can_send_now", gated_can_send_now)
+    monkeypatch.setattr(BotWebSocket, "send", held_send)
+    async with SimulatedBot(ws_url(gateway), "bot_mid") as bot:
+        keys = gateway.keyspace.bot("bot_mid")
+        await redis_client.xadd(keys.commands, {"json": json.dumps({"command": "sendmsg", "message": "0"})})
+        await asyncio.wait_for(in_send.wait(), 10)  # the sender task holds "0", mid-write
+        reader_may_write = True  # the socket could take a write now
+        await redis_client.xadd(keys.commands, {"json": json.dumps({"command": "sendmsg", "message": "1"})})
+        await eventually(lambda: _pending_is(redis_client, keys.commands, 2))  # the reader has "1"
+        await asyncio.sleep(0.1)
+        assert bot.commands() == [], "a command was written while the sender was mid-write"
+        gate.set()
+        await bot.wait_commands(2, timeout=10)
+        assert await eventually(lambda: _pending_is(redis_client, keys.commands, 0))
+    assert [c["message"] for c in bot.commands()] == ["0", "1"]
+
+
 async def _pending_is(client, key: str, n: int) -> bool:
     from gateway.keys import COMMAND_GROUP
 
