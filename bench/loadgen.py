@@ -112,7 +112,8 @@ class LoadSpec:
     open_timeout_s: float = 30.0
     connect_budget_s: float = 120.0
     max_buffer_bytes: int = 4 << 20
-    group_ms: float = 5.0
+    group_ms: float = 5.0  # <= 0: a group per bot, spread evenly (as independent bots send)
+    offset: float = 0.0  # this process's place among the generator's processes, in [0, 1)
 
 
 @dataclass
@@ -221,15 +222,19 @@ class _Run:
         spec, res = self.spec, self.res
         live = [b for b in self.bots if b.audio is not None]
         frame_s = spec.frame_ms / 1000
-        n_groups = max(1, min(len(live), round(spec.frame_ms / spec.group_ms)))
+        n_groups = len(live) if spec.group_ms <= 0 else round(spec.frame_ms / spec.group_ms)
+        n_groups = max(1, min(len(live), n_groups))
         groups = [live[i::n_groups] for i in range(n_groups)]
+        # Grouped: every process writes at the same instants (the benchmark's long-standing
+        # load). A group per bot: processes interleave, so no two bots share an instant.
+        shift = spec.offset if spec.group_ms <= 0 else 0.0
         win0, win1 = start + spec.window_start_s, start + spec.window_end_s
         n_ticks = int(spec.duration_s / frame_s)
         limit = spec.max_buffer_bytes
         per_bot = len(self.frames)
         for k in range(n_ticks):
             for g, group in enumerate(groups):
-                due = start + k * frame_s + g * frame_s / n_groups
+                due = start + k * frame_s + (g + shift) * frame_s / n_groups
                 delay = due - time.time()
                 # Always yield: command readers and pongs must run between groups.
                 await asyncio.sleep(delay if delay > 0 else 0)
@@ -374,7 +379,8 @@ class LoadGen:
         self.start_at = self.ctx.Value("d", 0.0)
         processes = max(1, min(processes, len(spec.bot_ids)))
         self.specs = [
-            LoadSpec(**{**asdict(spec), "bot_ids": spec.bot_ids[i::processes]}) for i in range(processes)
+            LoadSpec(**{**asdict(spec), "bot_ids": spec.bot_ids[i::processes], "offset": i / processes})
+            for i in range(processes)
         ]
         self.procs: list[Any] = []
         self.connected = 0

@@ -63,6 +63,9 @@ class Phase:
     profile: bool = False
     processes: int = 2
     connect_concurrency: int = 4  # handshakes in flight per generator process
+    # The generator writes its bots' frames in groups this far apart (cheap at 1,000 bots);
+    # independent bots each keep their own phase: a group per bot is --group-ms 0.
+    group_ms: float = 5.0
 
 
 @dataclass
@@ -328,6 +331,7 @@ def run_phase(
             window_end_s=duration,
             connect_concurrency=ph.connect_concurrency,
             tail_s=cfg.settle_s,
+            group_ms=ph.group_ms,
         )
         gen = LoadGen(spec, ph.processes).start()
         cmd = Commander(
@@ -598,6 +602,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ping-s", type=float, help="server keepalive interval and timeout")
     parser.add_argument("--only", help="run only phases whose name contains this")
     parser.add_argument("--processes", type=int, default=2, help="load generator processes")
+    parser.add_argument(
+        "--group-ms",
+        type=float,
+        default=5.0,
+        help="the generator writes frames in groups this far apart; 0: each bot on its own schedule",
+    )
     parser.add_argument("--no-profile", action="store_true", help="skip py-spy")
     parser.add_argument("--no-limit", action="store_true", help="skip the redis-py XADD limit")
     parser.add_argument(
@@ -624,6 +634,7 @@ def main(argv: list[str] | None = None) -> None:
                     ping_s=args.ping_s,
                     profile=not args.no_profile,
                     processes=args.processes,
+                    group_ms=args.group_ms,
                 )
                 for t in targets
             ],
