@@ -26,6 +26,7 @@ import time
 
 from bench.loadgen import LoadGen, LoadSpec, merge
 from bench.procstat import sample, wait_port
+from bench.run import pin_cores
 from gateway.embedded_redis import free_port
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
@@ -47,11 +48,16 @@ class _Discard(asyncio.Protocol):
         self.head += data
         if b"\r\n\r\n" not in self.head:
             return
-        key = next(
+        keys = [
             line.split(b":", 1)[1].strip()
             for line in self.head.split(b"\r\n")
             if line.lower().startswith(b"sec-websocket-key:")
-        )
+        ]
+        if not keys:
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            self.transport.close()
+            return
+        key = keys[0]
         accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
         self.transport.write(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -66,17 +72,19 @@ async def serve(port: int) -> None:
         await server.serve_forever()
 
 
-def measure(bots: int, frame_ms: int, window_s: float, warmup_s: float = 3.0) -> dict[str, float]:
-    cores = sorted(os.sched_getaffinity(0))
+def measure(
+    bots: int, frame_ms: int, window_s: float, warmup_s: float = 3.0, group_ms: float = 5.0
+) -> dict[str, float]:
+    affinity = os.sched_getaffinity(0)
+    cores = pin_cores()  # as bench.run: the server alone on the last core
     port = free_port()
     command = [sys.executable, "-m", "bench.floor", "--serve", str(port)]
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL)
     gen: LoadGen | None = None
     try:
         wait_port(port, 20, proc)
-        if len(cores) > 1:  # as bench.run pins: the server alone on the last core
-            os.sched_setaffinity(proc.pid, {cores[-1]})
-            os.sched_setaffinity(0, set(cores[:-1]))
+        if cores is not None:
+            os.sched_setaffinity(proc.pid, cores[1])
         duration = warmup_s + window_s
         spec = LoadSpec(
             url=f"ws://127.0.0.1:{port}",
@@ -86,6 +94,7 @@ def measure(bots: int, frame_ms: int, window_s: float, warmup_s: float = 3.0) ->
             window_start_s=warmup_s,
             window_end_s=duration,
             tail_s=0.2,
+            group_ms=group_ms,
         )
         gen = LoadGen(spec, max(1, min(4, bots // 250))).start()
         gen.wait_connected(timeout_s=120)
@@ -100,9 +109,12 @@ def measure(bots: int, frame_ms: int, window_s: float, warmup_s: float = 3.0) ->
         if gen is not None:
             gen.stop()
         proc.terminate()
-        proc.wait(10)
-        if len(cores) > 1:
-            os.sched_setaffinity(0, set(cores))
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        os.sched_setaffinity(0, affinity)
     window = s1.at - s0.at
     frames = load["frames_sent_window"]
     cpu = s1.cpu_s - s0.cpu_s
@@ -124,6 +136,7 @@ def main() -> None:
     parser.add_argument("--bots", type=int, default=100)
     parser.add_argument("--frame-ms", type=int, default=100)
     parser.add_argument("--window-s", type=float, default=10.0)
+    parser.add_argument("--group-ms", type=float, default=5.0, help="as bench.run's; 0: each bot on its own")
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -131,7 +144,7 @@ def main() -> None:
 
         uvloop.run(serve(args.serve))
         return
-    print(json.dumps(measure(args.bots, args.frame_ms, args.window_s)))
+    print(json.dumps(measure(args.bots, args.frame_ms, args.window_s, group_ms=args.group_ms)))
 
 
 if __name__ == "__main__":

@@ -90,6 +90,20 @@ class RawAudioSender:
         return len(self.template)
 
 
+def send_groups(bots: int, frame_ms: int, group_ms: float, offset: float = 0.0) -> list[tuple[float, range]]:
+    """When in each frame interval each group of bots writes: (seconds in, bot indices).
+
+    Grouped (``group_ms`` > 0), every process writes at the same instants, the
+    benchmark's long-standing load; with ``group_ms`` <= 0 each bot has a slot of its
+    own, as independent bots do, and ``offset`` (this process's place among the
+    generator's, in [0, 1)) interleaves the processes' slots.
+    """
+    n = bots if group_ms <= 0 else round(frame_ms / group_ms)
+    n = max(1, min(bots, n))
+    shift = offset if group_ms <= 0 else 0.0
+    return [((g + shift) * frame_ms / 1000 / n, range(g, bots, n)) for g in range(n)]
+
+
 def read_stamp(pcm: bytes) -> tuple[int, int]:
     """(send time ns, frame counter) of a frame written by this generator."""
     return STAMP.unpack_from(pcm)
@@ -222,19 +236,17 @@ class _Run:
         spec, res = self.spec, self.res
         live = [b for b in self.bots if b.audio is not None]
         frame_s = spec.frame_ms / 1000
-        n_groups = len(live) if spec.group_ms <= 0 else round(spec.frame_ms / spec.group_ms)
-        n_groups = max(1, min(len(live), n_groups))
-        groups = [live[i::n_groups] for i in range(n_groups)]
-        # Grouped: every process writes at the same instants (the benchmark's long-standing
-        # load). A group per bot: processes interleave, so no two bots share an instant.
-        shift = spec.offset if spec.group_ms <= 0 else 0.0
+        groups = [
+            (at_s, [live[i] for i in members])
+            for at_s, members in send_groups(len(live), spec.frame_ms, spec.group_ms, spec.offset)
+        ]
         win0, win1 = start + spec.window_start_s, start + spec.window_end_s
         n_ticks = int(spec.duration_s / frame_s)
         limit = spec.max_buffer_bytes
         per_bot = len(self.frames)
         for k in range(n_ticks):
-            for g, group in enumerate(groups):
-                due = start + k * frame_s + (g + shift) * frame_s / n_groups
+            for at_s, group in groups:
+                due = start + k * frame_s + at_s
                 delay = due - time.time()
                 # Always yield: command readers and pongs must run between groups.
                 await asyncio.sleep(delay if delay > 0 else 0)

@@ -136,3 +136,49 @@ def test_floor_benchmark_runs_and_its_server_wakes_for_the_frames() -> None:
     assert row["server_cpu_us_per_frame"] >= 0  # (a second of 50 frames may cost under a clock tick)
     if sys.platform == "linux":  # the server's own loop woke for them
         assert row["wakeups_per_s"] > 0
+
+
+def test_grouped_sends_share_instants_and_spread_sends_give_each_bot_its_own() -> None:
+    """--group-ms: the generator's default writes its bots' frames in 5 ms groups, at the
+    same instants in every process; 0 gives each bot a slot of its own, the processes'
+    slots interleaved, as independent bots send."""
+    from bench.loadgen import LoadGen, LoadSpec, send_groups
+
+    grouped = send_groups(100, 100, 5.0, offset=0.5)  # the offset only moves per-bot slots
+    assert [at for at, _ in grouped] == pytest.approx([g * 0.005 for g in range(20)])
+    assert sorted(i for _, members in grouped for i in members) == list(range(100))
+    assert all(len(members) == 5 for _, members in grouped)
+
+    spread = send_groups(50, 100, 0, offset=0.5)
+    assert [list(members) for _, members in spread] == [[i] for i in range(50)]
+    assert [at for at, _ in spread] == pytest.approx([(i + 0.5) * 0.002 for i in range(50)])
+
+    specs = LoadGen(LoadSpec(url="ws://x", bot_ids=[f"b{i}" for i in range(100)], group_ms=0), 2).specs
+    assert [spec.offset for spec in specs] == [0.0, 0.5]
+    assert [len(spec.bot_ids) for spec in specs] == [50, 50]
+
+
+def test_a_loop_that_never_idled_has_no_cost_per_wakeup() -> None:
+    """A saturated server hardly ever sleeps: dividing its CPU by a wake-up or two
+    would print a meaningless figure, so the table says so instead."""
+    base = {"phase": "realtime-20ms", "bots": 200, "redis_fps": 10_000.0, "server_cpu_us_per_frame": 25.0}
+    rows = report.wakeup_table(
+        [
+            {
+                **base,
+                "target": "gateway",
+                "server_wakeups_per_s": 1900.0,
+                "server_wakeups_per_frame": 0.19,
+                "server_cpu_us_per_wakeup": 136.4,
+            },
+            {
+                **base,
+                "target": "reference",
+                "server_wakeups_per_s": 0.1,
+                "server_wakeups_per_frame": 0.0,
+                "server_cpu_us_per_wakeup": 10_000_000.0,
+            },
+        ]
+    ).splitlines()
+    assert "| 136.4 |" in rows[2]
+    assert "| never idle |" in rows[3] and "10000000" not in rows[3]
