@@ -26,10 +26,10 @@ from websockets.exceptions import ConnectionClosed, InvalidState
 from websockets.http11 import Request, Response
 
 from gateway.auth import AuthError, Claims, check_bot, redact_query, split_secrets, token_from_request, verify
-from gateway.command_reader import CommandReader, Entry
+from gateway.command_reader import Ack, CommandReader, Entry
 from gateway.commands import Command, command_label, entry_time_ms, parse_command
 from gateway.exceptions import BadRoute, CommandRejected, FrameError, MessageError
-from gateway.keys import COMMAND_GROUP, BotKeys, KeySpace
+from gateway.keys import BotKeys, KeySpace
 from gateway.logs import RateLimiter
 from gateway.metrics import Metrics
 from gateway.overload import LoadShedder
@@ -135,7 +135,9 @@ class BotServer:
         self.backend = backend
         self.publisher = publisher
         self.registry = SessionRegistry()
-        self.reader = CommandReader(backend, keyspace, settings, metrics, self._deliver, self._evicted)
+        self.reader = CommandReader(
+            backend, keyspace, settings, metrics, self._deliver, self._evicted, self._ack_elsewhere
+        )
         self.draining = False
         self.shedder = LoadShedder(settings.overload_lag_s, metrics)
         # Leave a few pooled connections for the health check and wake-ups.
@@ -531,6 +533,11 @@ class BotServer:
             self.metrics.playback_bound_hits.labels("commands").inc()
             self.reader.pause(bot_id)
 
+    def _ack_elsewhere(self, acks: list[Ack]) -> None:
+        """Acks the reader could not send with its next read go with the publisher's writes."""
+        for stream, entry_ids, owner in acks:
+            self.publisher.ack(stream, entry_ids, owner=owner)
+
     def _check_age(self, command: Command, now_ms: int) -> None:
         age_ms = now_ms - entry_time_ms(command.entry_id)
         if age_ms > self._max_age_ms:
@@ -555,7 +562,7 @@ class BotServer:
             entry_id=entry_id,
             command=exc.command,
         )
-        self.publisher.ack(keys.commands, COMMAND_GROUP, (entry_id,))
+        self.publisher.ack(keys.commands, (entry_id,))
 
     async def _send_commands(self, conn: BotConnection, keys: BotKeys) -> None:
         """Write what the playback scheduler says, when it says; XACK what is fully handled.
@@ -614,7 +621,7 @@ class BotServer:
                 self._check_age_of(out)
             except CommandRejected as exc:
                 self._reject(keys, out.entry_id, exc)
-                self.publisher.ack(keys.commands, COMMAND_GROUP, out.acks)
+                self.publisher.ack(keys.commands, out.acks)
                 return False
         return True
 
@@ -622,7 +629,8 @@ class BotServer:
         assert conn.outbox is not None
         conn.outbox.scheduler.sent(out, conn.outbox.clock())
         self._count_sent(out)
-        self.publisher.ack(keys.commands, COMMAND_GROUP, out.acks, owner=conn.owner)
+        if out.acks and not self.reader.ack_with_next_read(keys, tuple(out.acks), conn.owner):
+            self.publisher.ack(keys.commands, out.acks, owner=conn.owner)
 
     def _send_due_now(self, conn: BotConnection, keys: BotKeys) -> None:
         """Write what is due from the reader's own turn of the event loop, if nothing can wait.

@@ -13,9 +13,12 @@ a pool), each group also reads a private *wake* stream in its slot; adding a
 bot XADDs to it, and the blocked read returns at once.
 
 Delivery is at least once: an entry is XACKed only after it was written to the
-bot's socket. When a bot's control channel comes up, entries still pending from
-an earlier connection (on this or a dead gateway) are claimed with XAUTOCLAIM
-and delivered first, in stream order.
+bot's socket. A command written in the reader's own turn (to an idle bot) is
+acked in the same write as the shard's next read: no round trip or wake-up of
+its own, which at light load was half of a command's cost. When a bot's
+control channel comes up, entries still pending from an earlier connection
+(on this or a dead gateway) are claimed with XAUTOCLAIM and delivered first,
+in stream order.
 """
 
 from __future__ import annotations
@@ -48,6 +51,30 @@ Entry = tuple[str, dict[bytes, bytes]]
 Deliver = Callable[[str, list[Entry]], None]
 #: Called when another gateway took over a bot: (bot_id, our conn_id it replaces, new gateway_id).
 Evict = Callable[[str, str, str], None]
+#: An XACK still to send: (stream, entry ids, owner); with an owner (owner key,
+#: token), only while that key holds that token (see :func:`ack_args`).
+Ack = tuple[str, tuple[str, ...], tuple[str, str] | None]
+#: Takes acks the reader could not see land (its connection failed): send them another way.
+AckFallback = Callable[[list[Ack]], None]
+#: KEYS: commands stream, owner key; ARGV: group, expected owner, ids. -1: not the owner.
+ACK_IF_OWNER = """
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[2] then return -1 end
+return redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
+"""
+_REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def ack_args(stream: str, entry_ids: tuple[str, ...], owner: tuple[str, str] | None) -> tuple[Any, ...]:
+    """The command that acks ``entry_ids``; with ``owner``, only if the bot is still ours.
+
+    A connection that lost its bot to a newer one (maybe on another gateway) may have
+    written to a half-open socket: its acks are refused, the entries stay pending, and
+    the new owner claims and sends them. A repeat, never a silent loss.
+    """
+    if owner is None:
+        return ("XACK", stream, COMMAND_GROUP, *entry_ids)
+    return ("EVAL", ACK_IF_OWNER, 2, stream, owner[0], COMMAND_GROUP, owner[1], *entry_ids)
 
 
 async def ensure_group(client: Any, stream: str) -> None:
@@ -100,6 +127,7 @@ class _Group:
     task: asyncio.Task[None] | None = None
     wake_ready: bool = False
     version: int = 0  # bumped whenever the set of streams to read changes
+    acks: list[Ack] = field(default_factory=list)  # to send with the next read
     _encoded: tuple[int, bytes] = (-1, b"")
 
     def changed(self) -> None:
@@ -141,6 +169,7 @@ class CommandReader:
         metrics: Metrics,
         deliver: Deliver,
         evict: Evict | None = None,
+        ack_fallback: AckFallback | None = None,
     ) -> None:
         self.backend = backend
         self.keyspace = keyspace
@@ -148,6 +177,9 @@ class CommandReader:
         self.metrics = metrics
         self.deliver = deliver
         self.evict = evict
+        self.ack_fallback = ack_fallback
+        self._delivering: _Group | None = None  # the group whose entries deliver() has now
+        self._read_latency = metrics.redis_latency.labels("read_commands")
         self._background: set[asyncio.Task[None]] = set()
         self.consumer = settings.gateway_id
         self._groups: dict[int, _Group] = {}
@@ -204,6 +236,41 @@ class CommandReader:
                 break
         self.metrics.redis_latency.labels("claim").observe(time.perf_counter() - started)
         return claimed
+
+    def ack_with_next_read(
+        self, keys: BotKeys, entry_ids: tuple[str, ...], owner: tuple[str, str] | None
+    ) -> bool:
+        """Queue an ack to go out in the same write as the shard's next read; False if
+        no read is about to go out for it (send the ack another way).
+
+        True only while this reader hands that shard's entries to ``deliver``: its next
+        XREADGROUP is written in this same turn of the event loop, right after.
+        """
+        group = self._delivering
+        if group is None or group.shard != keys.shard or self.ack_fallback is None:
+            return False
+        group.acks.append((keys.commands, entry_ids, owner))
+        return True
+
+    def _return_acks(self, group: _Group, acks: list[Ack]) -> None:
+        """Acks whose fate is unknown (or that were redirected) go another way: an XACK
+        twice is harmless, a lost one would deliver the command again."""
+        if acks and self.ack_fallback is not None:
+            self.ack_fallback(acks)
+
+    def _settle_acks(self, group: _Group, acks: list[Ack], replies: list[Any]) -> None:
+        redirected: list[Ack] = []
+        for ack, reply in zip(acks, replies, strict=True):
+            if reply == -1:
+                self.metrics.acks_refused.inc()
+                log.info("ack refused: the bot is owned by another connection now", extra={"key": ack[0]})
+            elif isinstance(reply, hiredis.ReplyError):
+                if str(reply).startswith(_REDIRECTS):
+                    redirected.append(ack)
+                    continue
+                self.metrics.redis_errors.labels("ack").inc()
+                log.error("redis refused an ack", extra={"key": ack[0], "error": str(reply)})
+        self._return_acks(group, redirected)
 
     async def remove(self, bot_id: str) -> None:
         """Stop reading a bot's commands (unsent ones stay pending in Redis)."""
@@ -277,9 +344,19 @@ class CommandReader:
                     if conn is None:
                         conn = await self._open(group, socket_timeout_s)
                     started = time.perf_counter()
+                    read = group.read_command(self.consumer, count, block_ms)
+                    acks, group.acks = group.acks, []
+                    if acks:
+                        read = encode_commands(ack_args(*ack) for ack in acks) + read
                     # Cancelling here could lose nothing but this connection: it is ours
                     # alone and is closed in the finally below, never pooled.
-                    (reply,) = await conn.execute(group.read_command(self.consumer, count, block_ms), 1)
+                    try:
+                        *ack_replies, reply = await conn.execute(read, len(acks) + 1)
+                    except BaseException:
+                        self._return_acks(group, acks)
+                        raise
+                    if acks:
+                        self._settle_acks(group, acks, ack_replies)
                     if isinstance(reply, hiredis.ReplyError):
                         raise ResponseError(str(reply))
                 except ResponseError as exc:
@@ -307,13 +384,13 @@ class CommandReader:
                     backoff_s = min(backoff_s * 2, MAX_BACKOFF_S)
                     continue
                 backoff_s = 0.1
-                self.metrics.redis_latency.labels("read_commands").observe(time.perf_counter() - started)
+                self._read_latency.observe(time.perf_counter() - started)
                 for stream_raw, entries in reply or ():
                     stream = stream_raw.decode()
                     decoded = _decode_entries(entries)
                     if stream == group.wake_key:
                         if decoded:
-                            await _call(conn, "XACK", group.wake_key, COMMAND_GROUP, *[e[0] for e in decoded])
+                            group.acks.append((group.wake_key, tuple(e[0] for e in decoded), None))
                         self._on_signals(decoded)
                         continue
                     bot_id = group.members.get(stream)
@@ -321,7 +398,11 @@ class CommandReader:
                         # The bot left while this read was in flight: the entries stay
                         # pending and are claimed when it comes back.
                         continue
-                    self.deliver(bot_id, decoded)
+                    self._delivering = group
+                    try:
+                        self.deliver(bot_id, decoded)
+                    finally:
+                        self._delivering = None
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -329,6 +410,8 @@ class CommandReader:
             raise
         finally:
             group.wake_ready = False
+            acks, group.acks = group.acks, []
+            self._return_acks(group, acks)
             if conn is not None:
                 with contextlib.suppress(Exception):
                     await _call(conn, "DEL", group.wake_key)

@@ -32,6 +32,7 @@ from typing import Any
 import hiredis
 from redis.exceptions import RedisError
 
+from gateway.command_reader import ack_args
 from gateway.keys import BotKeys, KeySpace
 from gateway.metrics import Metrics
 from gateway.protocol import BOT_SAMPLE_RATE, AudioFrame
@@ -49,12 +50,6 @@ MAX_BACKOFF_S = 0.5
 LIFECYCLE = frozenset({"connected", "ready", "audio_handshake", "disconnected", "session_ended"})
 CONTROL_BUFFER_MAX = 100_000
 _REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
-#: KEYS: commands stream, owner key; ARGV: group, expected owner, ids. -1: not the owner.
-ACK_IF_OWNER = """
-local owner = redis.call('GET', KEYS[2])
-if owner and owner ~= ARGV[2] then return -1 end
-return redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
-"""
 
 
 @dataclass(slots=True)
@@ -175,22 +170,11 @@ class Publisher:
                 ("XADD", self.keyspace.global_events, b"MAXLEN", b"~", self._maxlen_global, b"*", *fields),
             )
 
-    def ack(
-        self, stream: str, group: str, entry_ids: Iterable[str], owner: tuple[str, str] | None = None
-    ) -> None:
-        """XACK; with ``owner`` (owner key, token), only while that key still holds that token.
-
-        A connection that lost its bot to a newer one (maybe on another gateway) may have
-        written to a half-open socket: its acks are refused, the entries stay pending, and
-        the new owner claims and sends them. A repeat, never a silent loss.
-        """
+    def ack(self, stream: str, entry_ids: Iterable[str], owner: tuple[str, str] | None = None) -> None:
+        """Ack command entries in order with everything else (see :func:`ack_args`)."""
         ids = tuple(entry_ids)
-        if not ids:
-            return
-        if owner is None:
-            self._control_op("ack", ("XACK", stream, group, *ids))
-        else:
-            self._control_op("ack", ("EVAL", ACK_IF_OWNER, 2, stream, owner[0], group, owner[1], *ids))
+        if ids:
+            self._control_op("ack", ack_args(stream, ids, owner))
 
     def expire(self, keys: Iterable[str], ttl_s: int) -> None:
         for key in keys:

@@ -169,6 +169,30 @@ async def test_a_command_for_an_idle_bot_is_written_in_the_readers_turn(gateway,
     assert by_sender == []
 
 
+async def test_a_command_written_in_the_readers_turn_is_acked_with_its_next_read(
+    gateway, redis_client, monkeypatch
+):
+    """No round trip (and no wake-up for its reply) of the ack's own: it goes out in the
+    same write as the shard's next XREADGROUP, not through the publisher."""
+    via_publisher: list[tuple[str, tuple[str, ...]]] = []
+    publisher_ack = gateway.publisher.ack
+
+    def spy_ack(stream, entry_ids, owner=None):
+        via_publisher.append((stream, tuple(entry_ids)))
+        publisher_ack(stream, entry_ids, owner=owner)
+
+    monkeypatch.setattr(gateway.publisher, "ack", spy_ack)
+    async with SimulatedBot(ws_url(gateway), "bot_ack") as bot:
+        keys = gateway.keyspace.bot("bot_ack")
+        for i in range(3):
+            await redis_client.xadd(
+                keys.commands, {"json": json.dumps({"command": "sendmsg", "message": str(i)})}
+            )
+            assert (await bot.next_command(timeout=10, after=i))["message"] == str(i)
+            assert await eventually(lambda: _pending_is(redis_client, keys.commands, 0))
+    assert [stream for stream, _ in via_publisher if stream == keys.commands] == []
+
+
 async def test_the_reader_never_writes_while_the_bots_sender_is_mid_write(gateway, redis_client, monkeypatch):
     """The other side of the reader's direct write: while the bot's sender task is
     inside a write (here held open; in life, woken from a full socket but not run
