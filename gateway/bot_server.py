@@ -151,6 +151,7 @@ class BotServer:
         self._shed = metrics.dropped.labels("overload")
         self._log_limit = RateLimiter(burst=5, interval_s=10.0)
         self._max_age_ms = int(settings.command_max_age_s * 1000)
+        self._delivered: dict[str, Any] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._secrets = split_secrets(settings.auth_secret)
         self._claims: weakref.WeakKeyDictionary[ServerConnection, Claims] = weakref.WeakKeyDictionary()
@@ -519,7 +520,7 @@ class BotServer:
                     max_image_bytes=self.settings.image_max_bytes,
                 )
                 self._check_age(command, now_ms)
-                outbox.put(command)
+                outbox.put(command, wake=False)
             except CommandRejected as exc:
                 if exc.reason == "queue_full":
                     self.metrics.playback_bound_hits.labels(
@@ -527,6 +528,7 @@ class BotServer:
                     ).inc()
                 self._reject(keys, entry_id, exc)
         self._send_due_now(conn, keys)
+        outbox.settle()
         # An interrupt among the entries has dropped audio: say so now, not at the next send.
         self._playback_report(keys, outbox)
         if outbox.full:
@@ -667,7 +669,10 @@ class BotServer:
 
     def _count_sent(self, out: Outgoing) -> None:
         metrics = self.metrics
-        metrics.commands_delivered.labels(out.name).inc()
+        delivered = self._delivered.get(out.name)
+        if delivered is None:  # one child per command name (a fixed set): labels() costs a lock
+            delivered = self._delivered[out.name] = metrics.commands_delivered.labels(out.name)
+        delivered.inc()
         if out.lane == "audio":
             metrics.playback_audio_sent.inc(out.samples / BOT_SAMPLE_RATE)
             metrics.playback_lateness.observe(out.late_s)

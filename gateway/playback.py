@@ -316,6 +316,11 @@ class PlaybackScheduler:
     def speaking(self) -> bool:
         return bool(self._utterances)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing to write now or later: only new input can change that."""
+        return self._interrupt is None and not self._commands and not self._utterances
+
     # -- internals --------------------------------------------------------------
 
     def _audio_due(self) -> float | None:

@@ -46,3 +46,30 @@ def test_a_command_still_wakes_the_outbox_long_before_its_deadline() -> None:
         return out.text
 
     assert '"message":"hi"' in asyncio.run(main())
+
+
+def test_settle_wakes_the_sender_only_if_something_is_left() -> None:
+    """The reader writes due commands itself and then settles the outbox: a sender
+    woken for nothing is a wasted task switch per command, a sender not woken for a
+    command left behind (the socket was busy) would strand it until the next one."""
+
+    def command(n: int):  # type: ignore[no-untyped-def]
+        c = validate_command({"command": "sendmsg", "message": str(n)}, "b1")
+        c.entry_id = f"{n}-0"
+        return c
+
+    async def main() -> None:
+        outbox = Outbox(limit=10, bot_id="b1")
+        waiter = asyncio.ensure_future(outbox.wait(None))
+        await asyncio.sleep(0.01)
+        outbox.put(command(1), wake=False)
+        assert outbox.scheduler.next_send(outbox.clock()) is not None  # written by the caller
+        outbox.settle()
+        await asyncio.sleep(0.01)
+        assert not waiter.done()  # nothing left: the sender sleeps on
+        outbox.put(command(2), wake=False)  # the caller could not write this one
+        outbox.settle()
+        await asyncio.wait_for(waiter, 5)
+        assert outbox.scheduler.next_send(outbox.clock()) is not None
+
+    asyncio.run(main())
