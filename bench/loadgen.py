@@ -46,7 +46,7 @@ from gateway.testing.bot import tone
 #: Stamped over the first PCM bytes of every frame: send time (ns since the epoch), frame counter.
 STAMP = struct.Struct("<QI")
 
-Mode = Literal["realtime", "flood"]
+Mode = Literal["realtime", "flood", "commands"]  # commands: bots connect, send no audio, take commands
 
 
 def frame_pcm(frame_ms: int, speaker: int) -> bytes:
@@ -349,6 +349,8 @@ async def run_spec(
         cpu = asyncio.create_task(run._measure_cpu(start))
         if spec.mode == "flood":
             await run.flood(start)
+        elif spec.mode == "commands":
+            await asyncio.sleep(max(0.0, start + spec.duration_s - time.time()))
         else:
             await run.realtime(start)
         await asyncio.sleep(spec.tail_s)

@@ -315,6 +315,56 @@ def ratio_table(phases: list[dict[str, Any]]) -> str:
     )
 
 
+def commands_table(phases: list[dict[str, Any]]) -> str:
+    """Commands with no audio: what one costs each server, and how fast it arrives."""
+    reference = {p["bots"]: p for p in phases if p["target"] == "reference" and not p.get("failed")}
+    rows = []
+    for p in phases:
+        if p.get("failed"):
+            continue
+        ref = reference.get(p["bots"])
+        ratio = "-"
+        if (
+            p["target"] == "gateway"
+            and ref
+            and p["server_cpu_us_per_command"]
+            and ref["server_cpu_us_per_command"]
+        ):
+            ratio = f"{ref['server_cpu_us_per_command'] / p['server_cpu_us_per_command']:.2f}x"
+        c = p["command_latency_ms"]
+        rows.append(
+            [
+                p["target"],
+                str(p["bots"]),
+                _f(p["commands_written"] / p["window_s"] if p["window_s"] else None),
+                f"{p['commands_received']}/{p['commands_written']}",
+                _f(p["server_cores"], ".3f"),
+                _f(p["server_cpu_us_per_command"], ".1f"),
+                _f(p["server_wakeups_per_command"], ".2f"),
+                ratio,
+                _f(c["p50"], ".2f"),
+                _f(c["p99"], ".2f"),
+                _f(c["max"], ".1f"),
+            ]
+        )
+    return table(
+        [
+            "server",
+            "bots",
+            "commands/s",
+            "received/written",
+            "server cores",
+            "server CPU µs per command",
+            "wake-ups per command",
+            "commands per CPU-s, gateway ÷ ref",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+        ],
+        rows,
+    )
+
+
 def profile_section(phases: list[dict[str, Any]], top: int = 15) -> str:
     out = []
     for p in phases:
@@ -369,7 +419,8 @@ def render(result: dict[str, Any]) -> str:
             "### The physical limit: the same XADD from redis-benchmark and redis-py\n\n"
             + limit_table(result["limit"])
         )
-    phases = result["phases"]
+    phases = [p for p in result["phases"] if p["mode"] != "commands"]
+    commands = [p for p in result["phases"] if p["mode"] == "commands"]
     parts.append("### Throughput and CPU\n\n" + phase_table(phases))
     if any(p.get("gateway_pipeline") for p in phases):
         parts.append("### The gateway's writer (window of each phase)\n\n" + pipeline_table(phases))
@@ -378,6 +429,11 @@ def render(result: dict[str, Any]) -> str:
     parts.append("### Ratios, gateway ÷ reference bridge\n\n" + ratio_table(phases))
     parts.append("### Command latency, audio latency, memory\n\n" + latency_table(phases))
     parts.append("### Where frames went (overload)\n\n" + overload_table(phases))
+    if commands:
+        parts.append(
+            "### Commands alone (no audio; CPU includes the idle server's own timers)\n\n"
+            + commands_table(commands)
+        )
     prof = profile_section(phases)
     if prof:
         parts.append("### Profiles\n\n" + prof)

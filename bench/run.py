@@ -55,7 +55,7 @@ class Phase:
     bots: int
     frame_ms: int = 100
     speakers: int = 1
-    mode: Literal["realtime", "flood"] = "realtime"
+    mode: Literal["realtime", "flood", "commands"] = "realtime"
     warmup_s: float = 2.0
     window_s: float = 8.0
     command_rate_per_s: float = 100.0
@@ -92,6 +92,15 @@ def config(name: str, processes: int, profile: bool) -> Config:
                 *_both(
                     "flood-100ms", bots=2, mode="flood", warmup_s=0.5, window_s=1.5, command_rate_per_s=0, **p
                 ),
+                *_both(
+                    "commands",
+                    bots=4,
+                    mode="commands",
+                    warmup_s=0.5,
+                    window_s=1.5,
+                    command_rate_per_s=50,
+                    **p,
+                ),
             ],
             limit_seconds=0.3,
         )
@@ -111,6 +120,7 @@ def config(name: str, processes: int, profile: bool) -> Config:
                     profile=profile,
                     **p,
                 ),
+                *_both("commands", bots=20, mode="commands", window_s=4.0, command_rate_per_s=200, **p),
             ],
             limit_seconds=1.0,
         )
@@ -136,6 +146,10 @@ def config(name: str, processes: int, profile: bool) -> Config:
             command_rate_per_s=200,
             **p,
         )
+    # Commands alone (a voice agent streaming sendaudio while the meeting is quiet), at 10 per bot per second.
+    phases += _both(
+        "commands", bots=100, mode="commands", warmup_s=2.0, window_s=10.0, command_rate_per_s=1000, **p
+    )
     # Bots arriving together (e.g. after a replica restart): 16 handshakes in flight per process.
     phases += _both("connect-burst", bots=200, warmup_s=1.0, window_s=4.0, connect_concurrency=16, **p)
     phases += _both(
@@ -440,6 +454,9 @@ def run_phase(
             "server_wakeups_per_s": wakeups / window if window else 0.0,
             "server_wakeups_per_frame": wakeups / audio_window if audio_window else None,
             "server_cpu_us_per_wakeup": server_cpu / wakeups * 1e6 if wakeups else None,
+            # Commands are written in the window only; a commands phase has no audio to share the CPU.
+            "server_cpu_us_per_command": server_cpu / cmds * 1e6 if cmds and ph.mode == "commands" else None,
+            "server_wakeups_per_command": wakeups / cmds if cmds and ph.mode == "commands" else None,
             "redis_cpu_s": redis_cpu,
             "redis_cores": redis_cpu / window if window else 0.0,
             "redis_cpu_us_per_frame": redis_cpu / audio_window * 1e6 if audio_window else None,
@@ -494,6 +511,8 @@ def run_phase(
     )
     if ph.mode == "realtime":
         ok = ok and (tap["p99"] or 0) < 500 and (out["offered_ratio"] or 0) > 0.98
+    if ph.mode == "commands":
+        ok = ok and cmds > 0 and out["commands_lost"] == 0 and (cmd_lat["p99"] or 0) < 500
     out["kept_up"] = ok
     if prof is not None:
         out["profile"] = {"ok": prof.ok, "command": prof.message}
@@ -596,7 +615,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", choices=["gateway", "reference", "both"], default="both")
     parser.add_argument("--frame-ms", type=int, default=100)
     parser.add_argument("--speakers", type=int, default=1)
-    parser.add_argument("--mode", choices=["realtime", "flood"], default="realtime")
+    parser.add_argument(
+        "--mode",
+        choices=["realtime", "flood", "commands"],
+        default="realtime",
+        help="commands: no audio, only commands (--command-rate)",
+    )
     parser.add_argument("--window-s", type=float, default=8.0)
     parser.add_argument("--command-rate", type=float, default=100.0, help="commands per second, all bots")
     parser.add_argument("--ping-s", type=float, help="server keepalive interval and timeout")

@@ -80,10 +80,19 @@ def test_tiny_benchmark_runs_and_results_are_complete(tmp_path) -> None:  # type
         ("reference", "realtime"),
         ("gateway", "flood"),
         ("reference", "flood"),
+        ("gateway", "commands"),
+        ("reference", "commands"),
     }
     for p in result["phases"]:
         assert not p.get("failed"), p.get("errors")
         assert p["bots_connected"] == p["bots"] and p["connect_failures"] == 0
+        if p["mode"] == "commands":  # no audio: every command arrives, and what one cost is read
+            assert p["frames_sent"] == 0 and p["frames_in_redis"] == 0
+            assert p["commands_written"] > 0 and p["commands_received"] == p["commands_written"]
+            assert p["server_cpu_us_per_command"] > 0 and p["kept_up"]
+            lat = p["command_latency_ms"]
+            assert 0 < lat["p50"] <= lat["p99"] <= lat["max"]
+            continue
         assert p["frames_sent"] > 0 and p["frames_in_redis"] > 0
         assert 0 < p["frames_in_redis"] <= p["frames_sent"]
         assert p["server_cpu_s"] > 0 and p["frames_per_cpu_s"] > 0 and p["server_cpu_us_per_frame"] > 0
@@ -102,7 +111,14 @@ def test_tiny_benchmark_runs_and_results_are_complete(tmp_path) -> None:  # type
             assert p["gateway_received_total"] >= p["frames_in_redis"]
 
     text = report.render(result)
-    headings = ["physical limit", "Throughput and CPU", "Ratios", "Command latency", "overload"]
+    headings = [
+        "physical limit",
+        "Throughput and CPU",
+        "Ratios",
+        "Command latency",
+        "overload",
+        "Commands alone",
+    ]
     if sys.platform == "linux":
         headings.append("Event-loop wake-ups")
     for heading in headings:
