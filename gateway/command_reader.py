@@ -252,13 +252,13 @@ class CommandReader:
         group.acks.append((keys.commands, entry_ids, owner))
         return True
 
-    def _return_acks(self, group: _Group, acks: list[Ack]) -> None:
+    def _return_acks(self, acks: list[Ack]) -> None:
         """Acks whose fate is unknown (or that were redirected) go another way: an XACK
         twice is harmless, a lost one would deliver the command again."""
         if acks and self.ack_fallback is not None:
             self.ack_fallback(acks)
 
-    def _settle_acks(self, group: _Group, acks: list[Ack], replies: list[Any]) -> None:
+    def _settle_acks(self, acks: list[Ack], replies: list[Any]) -> None:
         redirected: list[Ack] = []
         for ack, reply in zip(acks, replies, strict=True):
             if reply == -1:
@@ -270,7 +270,7 @@ class CommandReader:
                     continue
                 self.metrics.redis_errors.labels("ack").inc()
                 log.error("redis refused an ack", extra={"key": ack[0], "error": str(reply)})
-        self._return_acks(group, redirected)
+        self._return_acks(redirected)
 
     async def remove(self, bot_id: str) -> None:
         """Stop reading a bot's commands (unsent ones stay pending in Redis)."""
@@ -353,10 +353,10 @@ class CommandReader:
                     try:
                         *ack_replies, reply = await conn.execute(read, len(acks) + 1)
                     except BaseException:
-                        self._return_acks(group, acks)
+                        self._return_acks(acks)
                         raise
                     if acks:
-                        self._settle_acks(group, acks, ack_replies)
+                        self._settle_acks(acks, ack_replies)
                     if isinstance(reply, hiredis.ReplyError):
                         raise ResponseError(str(reply))
                 except ResponseError as exc:
@@ -411,7 +411,7 @@ class CommandReader:
         finally:
             group.wake_ready = False
             acks, group.acks = group.acks, []
-            self._return_acks(group, acks)
+            self._return_acks(acks)
             if conn is not None:
                 with contextlib.suppress(Exception):
                     await _call(conn, "DEL", group.wake_key)
