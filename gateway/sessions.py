@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: Largest frame held back to be split here; larger ones go to websockets' parser.
 MAX_HELD_FRAME = 256 * 1024
+#: A frame header's most bytes: 2, an 8-byte extended length, a 4-byte masking key.
+MAX_FRAME_HEAD = 14
 CLOCK_TICK_S = 0.001  # uvloop's clock resolution
 _AT_EOF = StreamReader.at_eof.__code__
 
@@ -86,15 +88,59 @@ class BotWebSocket(ServerConnection):
                 return
             data = data[n:]
         held = self._held
+        pos = 0
         if held:
-            held += data  # amortised: a frame that trickles in is not copied over and over
+            pos = self._fill_held(held, data)
+            if pos < 0:
+                return  # all of it is held: the frame is not complete yet
+            if pos == 0:  # the held frame is too large to hold after all: websockets takes it
+                data = bytes(held) + data
+                held.clear()
+            else:
+                frame = bytes(held)
+                held.clear()
+                self._split(frame, 0)
+                if pos == len(data):
+                    return
+                if not self._framing:  # that frame began the closing handshake
+                    super().data_received(data[pos:])
+                    return
+        self._split(data, pos)
+
+    def _fill_held(self, held: bytearray, data: bytes) -> int:
+        """Complete the held frame from the start of ``data``: where the rest of ``data``
+        begins, -1 if all of it went to the held frame (still incomplete), 0 if the
+        frame turns out too large to hold.
+
+        Only the frame's own bytes are copied: in a flood nearly every read ends inside
+        a frame, and copying whole reads (256 KiB) into the held buffer and out again
+        cost ~4 µs per 100 ms frame, a fifth of the gateway's CPU there.
+        """
+        used = 0
+        span = scan_frame(held)
+        if span is None:  # not even the header yet: a header is at most 14 bytes
+            used = min(len(data), MAX_FRAME_HEAD - len(held))
+            held += data[:used]
             span = scan_frame(held)
             if span is None:
-                return  # not even the header yet
-            if len(held) < span.size and self._holdable(span):
-                return
-            data = bytes(held)
-            held.clear()
+                return -1
+            if not self._holdable(span):
+                del held[len(held) - used :]  # hand back what came from data: it goes with it
+                return 0
+            if (over := len(held) - span.size) > 0:  # a small frame, complete within those bytes
+                del held[span.size :]
+                return used - over
+        elif not self._holdable(span):
+            return 0
+        need = span.size - len(held)
+        if need > len(data) - used:
+            held += memoryview(data)[used:]
+            return -1
+        held += memoryview(data)[used : used + need]
+        return used + need
+
+    def _split(self, data: bytes, pos: int) -> None:
+        """Split ``data[pos:]`` into frames: audio straight to ``on_binary``, the rest to websockets."""
         on_binary = self.on_binary
         protocol = self.protocol
         queued = self.recv_messages.frames
@@ -105,7 +151,6 @@ class BotWebSocket(ServerConnection):
         # again after each frame handed to it, not for every frame.
         bypass = protocol.state is OPEN and not len(queued)
         end = len(data)
-        pos = 0
         while pos < end:
             span = scan_frame(data, pos)
             if span is None or (nxt := pos + span.size) > end:

@@ -56,3 +56,38 @@ def test_the_fast_path_marker_is_a_final_binary_frame_only() -> None:
     assert scan_frame(_wire(Opcode.BINARY, b"x", True, True)).first == FINAL_BINARY  # type: ignore[union-attr]
     assert scan_frame(_wire(Opcode.BINARY, b"x", False, True)).first != FINAL_BINARY  # type: ignore[union-attr]
     assert scan_frame(_wire(Opcode.TEXT, b"x", True, True)).first != FINAL_BINARY  # type: ignore[union-attr]
+
+
+@given(
+    size=st.one_of(SIZES, st.just(300_000)),
+    cut=st.one_of(st.integers(1, 20), st.integers(21, 400_000)),
+    extra=st.integers(-400_000, 3_000),
+)
+def test_a_held_frame_is_completed_from_the_next_read_without_taking_more(
+    size: int, cut: int, extra: int
+) -> None:
+    """The audio channel holds the start of a frame until the rest arrives. The next
+    read completes it with exactly the bytes it lacks (the rest of the read is split
+    in place, not copied); a read that does not complete it is held whole; a frame
+    that turns out too large to hold is handed back untouched, for websockets."""
+    from types import SimpleNamespace
+
+    from gateway.sessions import MAX_HELD_FRAME, BotWebSocket
+
+    wire = _wire(Opcode.BINARY, bytes(range(256)) * (size // 256) + bytes(size % 256), True, True)
+    after = b"\x82\x80next"  # the start of the next frame
+    cut = min(cut, len(wire) - 1)  # the first read ended inside the frame (maybe inside its header)
+    rest = wire[cut:] + after
+    data = rest[: max(1, len(rest) + extra)]  # the next read: all of the rest, or less, or a little
+    held = bytearray(wire[:cut])
+    conn = SimpleNamespace(_holdable=lambda span: span.size <= MAX_HELD_FRAME)
+
+    pos = BotWebSocket._fill_held(conn, held, data)  # type: ignore[arg-type]
+
+    if len(wire) > MAX_HELD_FRAME and cut + len(data) >= 2 + 8:  # its length is known, and too large
+        assert pos == 0 and held == wire[:cut]
+    elif cut + len(data) < len(wire):  # still incomplete: all of the read is held
+        assert pos == -1 and held == (wire[:cut] + data)
+    else:
+        assert bytes(held) == wire
+        assert data[pos:] == after[: len(data) - (len(wire) - cut)]
