@@ -46,6 +46,8 @@ from gateway.testing.bot import tone
 #: Stamped over the first PCM bytes of every frame: send time (ns since the epoch), frame counter.
 STAMP = struct.Struct("<QI")
 
+#: How long a bot waits for its closing handshake before it drops the connection.
+CLOSE_TIMEOUT_S = 15.0
 Mode = Literal["realtime", "flood", "commands"]  # commands: bots connect, send no audio, take commands
 
 
@@ -144,6 +146,7 @@ class LoadResult:
     frames_blocked_window: int = 0
     frames_on_closed: int = 0
     max_write_buffer_bytes: int = 0  # the most any bot held unsent in its own buffer: how far behind
+    max_close_s: float = 0.0  # the slowest closing handshake (the server reads what is ahead of it first)
     lateness_ms: list[float] = field(default_factory=list)
     cmd_latency_ms: list[float] = field(default_factory=list)
     commands_received: int = 0
@@ -310,6 +313,7 @@ class _Run:
     # -- leaving --------------------------------------------------------------
 
     async def close_all(self) -> None:
+        res = self.res
         codes: dict[str, Counter[str]] = {"audio": Counter(), "control": Counter()}
         for bot in self.bots:
             for channel, ws in (("audio", bot.audio), ("control", bot.control)):
@@ -322,15 +326,20 @@ class _Run:
             async with sem:
                 for ws in (bot.audio, bot.control):
                     if ws is not None:
+                        t0 = time.monotonic()
+                        # Generous: a bot that gave up early would discard what its socket still
+                        # held, and the run would count it lost. After a flood, one connection's
+                        # closing handshake has been seen to wait ~5.7 s (its data unread).
                         with contextlib.suppress(Exception):
-                            await asyncio.wait_for(ws.close(1000, "bot left"), 3)
+                            await asyncio.wait_for(ws.close(1000, "bot left"), CLOSE_TIMEOUT_S)
+                        res.max_close_s = max(res.max_close_s, time.monotonic() - t0)
                 if bot.reader is not None:
                     bot.reader.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await bot.reader
 
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(30):
+            async with asyncio.timeout(2 * CLOSE_TIMEOUT_S):
                 await asyncio.gather(*(close(b) for b in self.bots))
 
 

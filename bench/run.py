@@ -441,6 +441,7 @@ def run_phase(
             * ph.frame_ms
             / 1000,
             "frames_on_closed_socket": load["frames_on_closed"],
+            "bot_close_s_max": load["max_close_s"],
             "frames_in_redis": int(audio_total),
             "frames_lost": lost,
             "lost_ratio": lost / load["frames_sent"] if load["frames_sent"] else None,

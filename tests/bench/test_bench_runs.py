@@ -86,6 +86,7 @@ def test_tiny_benchmark_runs_and_results_are_complete(tmp_path) -> None:  # type
     for p in result["phases"]:
         assert not p.get("failed"), p.get("errors")
         assert p["bots_connected"] == p["bots"] and p["connect_failures"] == 0
+        assert 0 < p["bot_close_s_max"] < 15  # every bot saw its closing handshake through
         if p["mode"] == "commands":  # no audio: every command arrives, and what one cost is read
             assert p["frames_sent"] == 0 and p["frames_in_redis"] == 0
             assert p["commands_written"] > 0 and p["commands_received"] == p["commands_written"]
