@@ -146,6 +146,7 @@ class BotServer:
         publisher.may_pause = self._may_pause
         self._no_pause_until = 0.0
         self._pause_timer: asyncio.TimerHandle | None = None
+        self._resume_from = 0  # where the next resume of audio sockets starts (fairness)
         self._clock = time.monotonic  # the event loop's clock, without a lookup per frame
         self._audio_in = metrics.audio_in
         self._shed = metrics.dropped.labels("overload")
@@ -838,13 +839,25 @@ class BotServer:
         self.publisher.release_backpressure()
 
     def _pause_audio(self, pause: bool) -> None:
-        """Backpressure from the publisher: stop or resume reading every audio socket."""
+        """Backpressure from the publisher: stop or resume reading every audio socket.
+
+        Sockets are resumed starting from a different one each time. The event loop reads
+        ready sockets in the order they were resumed, and under sustained backpressure a
+        window between pauses lasts a few reads: resumed always in the same order, the
+        same bots were read every time and the last ones starved (one 20 ms flood bot
+        went unread for 15 s while the first ones streamed).
+        """
         if pause:
             self._pause_timer = asyncio.get_running_loop().call_later(MAX_PAUSE_S, self._end_pause)
         elif self._pause_timer is not None:
             self._pause_timer.cancel()
             self._pause_timer = None
-        for session in self.registry:
+        sessions = self.registry.snapshot()
+        if not pause and sessions:
+            # A golden-ratio stride: successive starts spread evenly over any number of bots.
+            self._resume_from = (self._resume_from + max(1, round(len(sessions) * 0.618))) % len(sessions)
+            sessions = sessions[self._resume_from :] + sessions[: self._resume_from]
+        for session in sessions:
             conn = session.audio
             if conn is None:
                 continue
