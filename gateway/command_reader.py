@@ -36,7 +36,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from gateway.keys import COMMAND_GROUP, BotKeys, KeySpace
 from gateway.metrics import Metrics
-from gateway.redis_conn import RawConnection, RedisBackend
+from gateway.redis_conn import REDIRECT_ERRORS, RawConnection, RedisBackend
 from gateway.resp import encode_commands
 from gateway.settings import Settings
 
@@ -62,7 +62,6 @@ local owner = redis.call('GET', KEYS[2])
 if owner and owner ~= ARGV[2] then return -1 end
 return redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
 """
-_REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
 
 
 def ack_args(stream: str, entry_ids: tuple[str, ...], owner: tuple[str, str] | None) -> tuple[Any, ...]:
@@ -265,7 +264,7 @@ class CommandReader:
                 self.metrics.acks_refused.inc()
                 log.info("ack refused: the bot is owned by another connection now", extra={"key": ack[0]})
             elif isinstance(reply, hiredis.ReplyError):
-                if str(reply).startswith(_REDIRECTS):
+                if str(reply).startswith(REDIRECT_ERRORS):
                     redirected.append(ack)
                     continue
                 self.metrics.redis_errors.labels("ack").inc()

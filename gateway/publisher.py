@@ -36,7 +36,7 @@ from gateway.command_reader import ack_args
 from gateway.keys import BotKeys, KeySpace
 from gateway.metrics import Metrics
 from gateway.protocol import BOT_SAMPLE_RATE, AudioFrame
-from gateway.redis_conn import WRITE_SOCKET_TIMEOUT_S, RawConnection, RedisBackend
+from gateway.redis_conn import REDIRECT_ERRORS, WRITE_SOCKET_TIMEOUT_S, RawConnection, RedisBackend
 from gateway.resp import AudioEncoder, encode_command
 from gateway.settings import Settings
 
@@ -49,7 +49,6 @@ MAX_BACKOFF_S = 0.5
 #: Event types that also go to the global lifecycle stream.
 LIFECYCLE = frozenset({"connected", "ready", "audio_handshake", "disconnected", "session_ended"})
 CONTROL_BUFFER_MAX = 100_000
-_REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
 
 
 @dataclass(slots=True)
@@ -427,7 +426,7 @@ class Publisher:
             landed: list[_Op] = []
             replies: list[Any] = []
             for op, reply in zip(ops, result, strict=True):
-                if isinstance(reply, hiredis.ReplyError) and str(reply).startswith(_REDIRECTS):
+                if isinstance(reply, hiredis.ReplyError) and str(reply).startswith(REDIRECT_ERRORS):
                     redirected.append(op)
                 else:
                     landed.append(op)

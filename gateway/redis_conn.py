@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # redis-py 8 defaults to a 5 s socket timeout; writes must give up well before
 # Kubernetes gives up on us, and blocking reads get their own, longer timeout.
 WRITE_SOCKET_TIMEOUT_S = 10.0
+#: Error replies that mean "not here (now)" on a Cluster: refresh the slot map and send again.
+REDIRECT_ERRORS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
 CONNECT_TIMEOUT_S = 5.0
 POOL_WAIT_S = 10.0
 

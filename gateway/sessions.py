@@ -114,7 +114,7 @@ class BotWebSocket(ServerConnection):
 
         Only the frame's own bytes are copied: in a flood nearly every read ends inside
         a frame, and copying whole reads (256 KiB) into the held buffer and out again
-        cost ~4 µs per 100 ms frame, a fifth of the gateway's CPU there.
+        cost ~0.1 ms per read (100 ms flood: 17.5 -> 16.1 µs per frame without it).
         """
         used = 0
         span = scan_frame(held)
@@ -276,8 +276,8 @@ class Outbox:
     def settle(self) -> None:
         """After a caller wrote what was due: wake the sender only if anything is left.
 
-        A sender woken for nothing costs a task switch per command (a fifth of the
-        Python a command takes when the reader writes it).
+        A sender woken for nothing costs a task switch and a pass through the
+        scheduler per command, for nothing.
         """
         if not self.scheduler.idle:
             self._wakeup.set()
