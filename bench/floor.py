@@ -27,7 +27,7 @@ import time
 from bench.loadgen import LoadGen, LoadSpec, merge
 from bench.procstat import sample, wait_port
 from bench.run import pin_cores
-from gateway.embedded_redis import free_port
+from gateway.embedded_redis import free_port, terminate
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
 
@@ -108,12 +108,7 @@ def measure(
     finally:
         if gen is not None:
             gen.stop()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, 10)
         os.sched_setaffinity(0, affinity)
     window = s1.at - s0.at
     frames = load["frames_sent_window"]

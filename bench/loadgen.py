@@ -328,8 +328,8 @@ class _Run:
                     if ws is not None:
                         t0 = time.monotonic()
                         # Generous: a bot that gave up early would discard what its socket still
-                        # held, and the run would count it lost. After a flood, one connection's
-                        # closing handshake has been seen to wait ~5.7 s (its data unread).
+                        # held, and a server slow to read it would show as frames lost, not as a
+                        # slow close (how the gateway's backpressure starvation, fixed, first showed).
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(ws.close(1000, "bot left"), CLOSE_TIMEOUT_S)
                         res.max_close_s = max(res.max_close_s, time.monotonic() - t0)

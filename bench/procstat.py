@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import redis
 
-from gateway.embedded_redis import free_port
+from gateway.embedded_redis import free_port, terminate
 
 
 @dataclass(frozen=True)
@@ -146,10 +146,5 @@ class BridgeProcess:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            terminate(proc, 15)

@@ -47,6 +47,17 @@ def find_redis_binary(name: str = "redis-server") -> str:
     raise ConfigError(INSTALL_HINT)
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM a child, then SIGKILL if it has not exited within ``timeout_s``; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -149,13 +160,8 @@ class RedisServer:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            terminate(proc, timeout_s)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def kill(self) -> None:

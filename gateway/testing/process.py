@@ -20,7 +20,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.embedded_redis import free_port
+from gateway.embedded_redis import free_port, terminate
 
 
 class GatewayProcess:
@@ -124,13 +124,7 @@ class GatewayProcess:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 15)
 
     def __enter__(self) -> GatewayProcess:
         return self.start()
