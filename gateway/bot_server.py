@@ -39,7 +39,6 @@ from gateway.protocol import (
     Route,
     handshake_bot_id,
     is_legacy_chunk,
-    parse_audio_frame,
     parse_json_object,
     parse_legacy_chunk,
     parse_path,
@@ -381,6 +380,7 @@ class BotServer:
             self._audio_text(conn, route, message)
         conn.audio_keys = self.keyspace.bot(conn.bot_id)
         conn.conn_b = conn.conn_id.encode()
+        conn.frames = self.publisher.frame_encoder(conn.audio_keys, conn.conn_b)
 
         if isinstance(ws, BotWebSocket):
             ws.on_binary = functools.partial(self._audio_message, conn, route)  # no Python frame of its own
@@ -412,7 +412,7 @@ class BotServer:
                     conn.seq += 1
                     return
             try:
-                frame = parse_audio_frame(message)
+                size = self.publisher.audio_frame(conn.frames, message, conn.seq)  # type: ignore[arg-type]
             except FrameError as exc:
                 self._drop(conn, exc.reason, exc.detail)
                 return
@@ -420,10 +420,11 @@ class BotServer:
             frame = self._audio_text(conn, route, message)
             if frame is None:
                 return
+            size = len(frame.pcm)
+            self.publisher.audio(conn.audio_keys, frame, conn.seq, conn.conn_b)  # type: ignore[arg-type]
         audio_in = self._audio_in
         audio_in.frames += 1
-        audio_in.bytes += len(frame.pcm)
-        self.publisher.audio(conn.audio_keys, frame, conn.seq, conn.conn_b)  # type: ignore[arg-type]
+        audio_in.bytes += size
         conn.seq += 1
 
     def _audio_text(self, conn: BotConnection, route: Route, text: str):  # type: ignore[no-untyped-def]

@@ -37,7 +37,7 @@ from gateway.keys import BotKeys, KeySpace
 from gateway.metrics import Metrics
 from gateway.protocol import BOT_SAMPLE_RATE, AudioFrame
 from gateway.redis_conn import REDIRECT_ERRORS, WRITE_SOCKET_TIMEOUT_S, RawConnection, RedisBackend
-from gateway.resp import AudioEncoder, encode_command
+from gateway.resp import AudioEncoder, FrameEncoder, encode_command
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -116,12 +116,29 @@ class Publisher:
     # -- producers (synchronous: never wait on Redis) -----------------------
 
     def audio(self, keys: BotKeys, frame: AudioFrame, seq: int, conn_id: bytes) -> None:
-        size = len(frame.pcm)
         payload = self._audio_encoder.encode(
             keys.audio, frame.speaker_id, frame.speaker_name, frame.pcm, seq, conn_id, now_ms()
         )
+        self._queue_audio(keys.audio, payload, len(frame.pcm))
+
+    def frame_encoder(self, keys: BotKeys, conn_id: bytes) -> FrameEncoder:
+        """What :meth:`audio_frame` needs to publish one audio connection's binary frames."""
+        return FrameEncoder(self._audio_encoder, keys.audio, conn_id)
+
+    def audio_frame(self, encoder: FrameEncoder, data: bytes, seq: int) -> int:
+        """Publish a bot's binary audio frame as it came; return its PCM bytes.
+
+        Raises :class:`~gateway.exceptions.FrameError` for a frame that does not
+        decode, before anything is queued.
+        """
+        payload = encoder.encode(data, seq, now_ms())
+        size = len(payload[1])
+        self._queue_audio(encoder.key, payload, size)
+        return size
+
+    def _queue_audio(self, key: str, payload: list[bytes], size: int) -> None:
         self._seq += 1
-        self._audio.append(_Op(self._seq, "audio", keys.audio, payload, size))
+        self._audio.append(_Op(self._seq, "audio", key, payload, size))
         self._audio_bytes += size
         if self._audio_bytes > self._high_water and not self.backlogged and self.healthy and self.may_pause():
             self._set_backlogged(True)

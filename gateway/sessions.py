@@ -30,6 +30,7 @@ from gateway.commands import Command
 from gateway.keys import BotKeys
 from gateway.playback import PlaybackConfig, PlaybackScheduler
 from gateway.protocol import Channel
+from gateway.resp import FrameEncoder
 from gateway.wsframes import FINAL_BINARY, FrameSpan, scan_frame
 
 log = logging.getLogger(__name__)
@@ -334,6 +335,7 @@ class BotConnection:
     # Audio channel: where frames go, and their counter on this connection.
     audio_keys: BotKeys | None = None
     conn_b: bytes = b""
+    frames: FrameEncoder | None = None  # its binary frames' way into the audio stream
     seq: int = 0
 
 
