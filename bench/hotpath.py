@@ -55,7 +55,9 @@ async def _server_socket(gw: Gateway, timeout_s: float = 10.0) -> BotWebSocket:
     raise TimeoutError("the bot's audio channel did not come up")
 
 
-async def measure(redis_url: str, frame_ms: int, frames: int, per_read: int, burst: int) -> dict[str, Any]:
+async def measure(
+    redis_url: str, frame_ms: int, frames: int, per_read: int, burst: int, speakers: int = 1
+) -> dict[str, Any]:
     settings = Settings(
         host="127.0.0.1",
         port=0,
@@ -75,8 +77,11 @@ async def measure(redis_url: str, frame_ms: int, frames: int, per_read: int, bur
         await bot.connect()
         ws = await _server_socket(gw)
         pcm = tone(440, 48 * frame_ms)
-        frame = masked_frame(AudioFrame("spk-1", "Ada", pcm).serialize())
-        chunk = frame * per_read
+        # Speakers take turns frame by frame, as a bot interleaves the people talking.
+        turns = [
+            masked_frame(AudioFrame(f"spk-{i}", f"Speaker {i}", pcm).serialize()) for i in range(speakers)
+        ]
+        chunks = [b"".join(turns[(i + j) % speakers] for j in range(per_read)) for i in range(speakers)]
         calls = frames // per_read
         inside: list[float] = []
         await gw.publisher.flush(5)  # type: ignore[union-attr]
@@ -86,8 +91,8 @@ async def measure(redis_url: str, frame_ms: int, frames: int, per_read: int, bur
         while done < calls:
             n = min(burst // per_read or 1, calls - done)
             t0 = time.perf_counter()
-            for _ in range(n):
-                data_received(chunk)
+            for i in range(n):
+                data_received(chunks[(done + i) % speakers])
             inside.append((time.perf_counter() - t0) / (n * per_read))
             done += n
             await asyncio.sleep(0)  # the writer takes the burst
@@ -101,6 +106,7 @@ async def measure(redis_url: str, frame_ms: int, frames: int, per_read: int, bur
         return {
             "frame_ms": frame_ms,
             "frames_per_read": per_read,
+            "speakers": speakers,
             "frames": sent,
             "published": published,
             "stored_xlen": stored,
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=100_000)
     parser.add_argument("--burst", type=int, default=100, help="frames between the writer's turns")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--speakers", type=int, default=1, help="speakers taking turns, frame by frame")
     args = parser.parse_args(argv)
     import uvloop
 
@@ -127,7 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for frame_ms, per_read in ((20, 1), (20, 10), (100, 1)):
             rows = [
-                uvloop.run(measure(url or server.url, frame_ms, args.frames, per_read, args.burst))  # type: ignore[union-attr]
+                uvloop.run(
+                    measure(url or server.url, frame_ms, args.frames, per_read, args.burst, args.speakers)  # type: ignore[union-attr]
+                )
                 for _ in range(args.repeat)
             ]
             best = min(rows, key=lambda r: r["process_cpu_us_per_frame"])

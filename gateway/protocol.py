@@ -95,6 +95,22 @@ def parse_audio_frame(data: bytes) -> AudioFrame:
     return AudioFrame(speaker_id, speaker_name, data[pcm_at:])
 
 
+def audio_pcm_offset(data: bytes) -> int:
+    """Where a binary audio frame's PCM would begin, from its two length prefixes
+    alone (nothing else is checked); -1 if they run past the end.
+
+    Lets a caller recognise a header it has parsed before without parsing it again.
+    """
+    size = len(data)
+    if size < _HEADER_MIN:
+        return -1
+    off = 3 + (data[1] | (data[2] << 8))
+    if off + 2 > size:
+        return -1
+    pcm_at = off + 2 + (data[off] | (data[off + 1] << 8))
+    return pcm_at if pcm_at <= size else -1
+
+
 def parse_json_object(text: str | bytes) -> dict[str, Any]:
     """Parse a text frame that must hold a JSON object."""
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from gateway.protocol import parse_audio_frame
+from gateway.protocol import audio_pcm_offset, parse_audio_frame
 
 _CRLF = b"\r\n"
 
@@ -102,44 +102,57 @@ class AudioEncoder:
         )
 
 
+#: Frame headers remembered per audio connection: one per speaker taking turns.
+MAX_KNOWN_HEADERS = 8
+
+
 class FrameEncoder:
     """Encodes one audio connection's binary frames into XADDs, straight from the bot's bytes.
 
-    A bot repeats its frame header (speaker id and name) and its frame size in
-    nearly every frame, so the part of the command they make is kept: a frame
+    A bot repeats each speaker's frame header (speaker id and name) and its frame
+    size frame after frame, so the part of the command they make is kept: a frame
     that starts with the same header bytes and has the same length decodes the
     same, and is not decoded again (that, and encoding the speaker anew, was a
-    third of the per-frame Python). Anything else is parsed by
-    :func:`~gateway.protocol.parse_audio_frame`, so bad frames fail as they
-    always do, with a :class:`~gateway.exceptions.FrameError`.
+    third of the per-frame Python). The last header is checked first; the others
+    seen lately (several people talking take turns, frame by frame) are looked
+    up. Anything new is parsed by :func:`~gateway.protocol.parse_audio_frame`,
+    so bad frames fail as they always do, with a
+    :class:`~gateway.exceptions.FrameError`, and are never remembered.
     """
 
-    __slots__ = ("_encoder", "_head", "_pcm_at", "_prefix", "_size", "_tail", "key")
+    __slots__ = ("_encoder", "_head", "_known", "_pcm_at", "_prefix", "_size", "_tail", "key")
 
     def __init__(self, encoder: AudioEncoder, key: str, conn: bytes) -> None:
         self._encoder = encoder
         self.key = key  # the stream
         self._prefix = b""
-        self._size = -1  # matches no frame: the first one is always parsed
+        self._size = -1  # matches no frame: the first one is always looked up
         self._pcm_at = 0
         self._head = b""
         self._tail = encoder._tail_template(conn)
+        # (header bytes, frame size) -> (header bytes, frame size, PCM offset, command head)
+        self._known: dict[tuple[bytes, int], tuple[bytes, int, int, bytes]] = {}
 
     def encode(self, data: bytes, seq: int, ts_ms: int) -> list[bytes]:
         """Pieces of the frame's XADD, as :meth:`AudioEncoder.encode` makes them; the PCM
         is ``pieces[1]``."""
         if len(data) != self._size or not data.startswith(self._prefix):
-            self._learn(data)
+            self._prefix, self._size, self._pcm_at, self._head = self._header_of(data)
         seq_b = b"%d" % seq
         ts_b = b"%d" % ts_ms
         return [self._head, data[self._pcm_at :], self._tail % (len(seq_b), seq_b, len(ts_b), ts_b)]
 
-    def _learn(self, data: bytes) -> None:
+    def _header_of(self, data: bytes) -> tuple[bytes, int, int, bytes]:
+        pcm_at = audio_pcm_offset(data)
+        known = self._known.get((data[:pcm_at], len(data))) if pcm_at > 0 else None
+        if known is not None:
+            return known
         frame = parse_audio_frame(data)  # raises FrameError: nothing is kept from a bad frame
         pcm_at = len(data) - len(frame.pcm)
-        self._head = self._encoder._speaker_head(
+        head = self._encoder._speaker_head(
             self.key, frame.speaker_id.encode(), frame.speaker_name.encode(), len(frame.pcm)
         )
-        self._prefix = data[:pcm_at]
-        self._size = len(data)
-        self._pcm_at = pcm_at
+        if len(self._known) >= MAX_KNOWN_HEADERS:
+            self._known.clear()
+        known = self._known[(data[:pcm_at], len(data))] = (data[:pcm_at], len(data), pcm_at, head)
+        return known

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.exceptions import FrameError
-from gateway.protocol import AudioFrame, parse_audio_frame
-from gateway.resp import AudioEncoder, FrameEncoder
+from gateway.protocol import AudioFrame, audio_pcm_offset, parse_audio_frame
+from gateway.resp import MAX_KNOWN_HEADERS, AudioEncoder, FrameEncoder
 
 KEY = "ms:bot:b1:audio"
 
@@ -97,3 +97,24 @@ def test_a_frame_that_repeats_the_header_but_not_the_size_is_checked_again() -> 
     assert err.value.reason == "empty_pcm"
     # A bad frame leaves nothing behind: the next good one still encodes in full.
     assert _as_redis_reads(encoder.encode(good, 3, 0))[11] == bytes(960)
+
+
+def test_more_speakers_taking_turns_than_it_remembers_still_encode_right() -> None:
+    speakers = MAX_KNOWN_HEADERS + 3
+    general = AudioEncoder(maxlen=100, sample_rate=48_000)
+    per_conn = FrameEncoder(AudioEncoder(maxlen=100, sample_rate=48_000), KEY, b"c")
+    turns = [AudioFrame(f"s{i}", f"Speaker {i}", bytes([i]) * 960).serialize() for i in range(speakers)]
+    for seq in range(speakers * 3):
+        data = turns[seq % speakers if seq < speakers * 2 else (seq * 7) % speakers]
+        frame = parse_audio_frame(data)
+        expected = general.encode(KEY, frame.speaker_id, frame.speaker_name, frame.pcm, seq, b"c", 5)
+        assert b"".join(per_conn.encode(data, seq, 5)) == b"".join(expected)
+
+
+@given(frames)
+def test_the_pcm_offset_is_where_the_parser_finds_the_pcm(data: bytes) -> None:
+    try:
+        frame = parse_audio_frame(data)
+    except FrameError:
+        return
+    assert audio_pcm_offset(data) == len(data) - len(frame.pcm)
