@@ -82,8 +82,12 @@ class KeySpace:
         )
 
     def shard_wake(self, shard: int, gateway_id: str) -> str:
-        """A gateway's wake-up stream in a shard's slot (see ``command_reader``)."""
+        """A gateway's signal stream in a shard's slot, where other gateways write (``command_reader``)."""
         return f"{self.prefix}:{{{shard_tag(shard, self.command_shards)}}}:wake:{gateway_id}"
+
+    def reader_wake(self, shard: int, gateway_id: str, reader: int) -> str:
+        """The wake-up stream of one of a gateway's readers of a shard, in the shard's slot."""
+        return f"{self.prefix}:{{{shard_tag(shard, self.command_shards)}}}:wake{reader}:{gateway_id}"
 
     def owner(self, bot_id: str) -> str:
         """Which gateway connection owns the bot's control channel (``gateway_id/conn_id``).

@@ -90,6 +90,9 @@ class Settings:
     command_max_bytes: int = _opt(16 << 20, "Largest command entry accepted")
     command_block_ms: int = _opt(2000, "BLOCK of the command stream reads")
     command_read_count: int = _opt(64, "Entries read per stream and round trip")
+    command_read_streams: int = _opt(
+        16, "Most command streams one blocking read waits on; a shard with more bots gets more readers"
+    )
     outbox_max_commands: int = _opt(256, "Commands held per bot before reading pauses (backpressure)")
     image_max_bytes: int = _opt(2 << 20, "Largest sendimg image (decoded bytes); larger ones are rejected")
     # Audio playback (see docs/PLAYBACK.md)
@@ -134,6 +137,7 @@ class Settings:
             "command_max_bytes",
             "command_block_ms",
             "command_read_count",
+            "command_read_streams",
             "outbox_max_commands",
             "publish_buffer_bytes",
             "publish_batch_max",

@@ -471,8 +471,8 @@ async def test_redis_connections_do_not_grow_with_bots(gateway, redis_client):
     readers = gateway.bots.reader.connections
     for bot in bots:
         await bot.close()
-    # One reader connection per command shard with bots (60 bots span all 16), one raw
-    # connection for the publisher, and the bounded pool: a constant, whatever the bot count.
+    # One reader connection per command shard with bots (60 bots span all 16, fewer than
+    # command_read_streams in each), one raw connection for the publisher, and the bounded pool.
     shards = {gateway.keyspace.bot(b.bot_id).shard for b in bots}
     assert readers == len(shards) <= gateway.settings.command_shards
     assert (
