@@ -13,6 +13,12 @@ from typing import Any
 from bench.profile import is_boilerplate
 
 
+def _server(p: dict[str, Any]) -> str:
+    """The server of a phase, with the CPU quota it ran under (``bench.run --cpu-quota``)."""
+    quota = p.get("server_cpu_quota")
+    return p["target"] if quota is None else f"{p['target']} ({quota:g} cores)"
+
+
 def _f(v: Any, spec: str = ".0f") -> str:
     if v is None:
         return "-"
@@ -110,7 +116,7 @@ def wakeup_table(phases: list[dict[str, Any]]) -> str:
         rows.append(
             [
                 p["phase"],
-                p["target"],
+                _server(p),
                 str(p["bots"]),
                 _f(p["redis_fps"]),
                 _f(p["server_wakeups_per_s"]),
@@ -139,14 +145,14 @@ def phase_table(phases: list[dict[str, Any]]) -> str:
     for p in phases:
         if p.get("failed"):
             rows.append(
-                [p["phase"], p["target"], str(p["bots"]), "FAILED: " + p.get("errors", "")[:80]] + [""] * 10
+                [p["phase"], _server(p), str(p["bots"]), "FAILED: " + p.get("errors", "")[:80]] + [""] * 10
             )
             continue
         ratio = p.get("offered_ratio")
         rows.append(
             [
                 p["phase"],
-                p["target"],
+                _server(p),
                 str(p["bots"]),
                 _f(p["intended_fps"]) if p["intended_fps"] else "flood",
                 _f(p["offered_fps"]) + (f" ({ratio:.0%})" if ratio else ""),
@@ -196,7 +202,7 @@ def latency_table(phases: list[dict[str, Any]]) -> str:
         rows.append(
             [
                 p["phase"],
-                p["target"],
+                _server(p),
                 str(p["bots"]),
                 f"{p['commands_received']}/{p['commands_written']}",
                 _f(c["p50"], ".2f"),
@@ -243,7 +249,7 @@ def overload_table(phases: list[dict[str, Any]]) -> str:
         rows.append(
             [
                 p["phase"],
-                p["target"],
+                _server(p),
                 str(p["bots"]),
                 str(p["frames_sent"]),
                 str(p["frames_blocked_at_bot"]),
@@ -334,7 +340,7 @@ def commands_table(phases: list[dict[str, Any]]) -> str:
         c = p["command_latency_ms"]
         rows.append(
             [
-                p["target"],
+                _server(p),
                 str(p["bots"]),
                 _f(p["commands_written"] / p["window_s"] if p["window_s"] else None),
                 f"{p['commands_received']}/{p['commands_written']}",

@@ -38,6 +38,7 @@ import redis
 
 from bench import profile as pyspy
 from bench import redis_limit
+from bench.cgroup import CgroupError, CpuQuota
 from bench.commander import Commander, CommanderSpec
 from bench.loadgen import LoadGen, LoadSpec, merge
 from bench.procstat import BridgeProcess, cpu_busy_total, machine_load, redis_sample, sample
@@ -76,6 +77,7 @@ class Config:
     audio_maxlen: int = 100  # both servers: bounds Redis memory at 1,000 bots (10 s of 100 ms frames)
     settle_s: float = 1.0  # pauses: after connecting, before the start, for the server to drain
     gateway_args: list[str] = field(default_factory=list)  # extra flags for the gateway under test
+    cpu_quota: float | None = None  # cores the server under test may use (a cgroup quota), or all of its own
 
 
 def _both(name: str, **kw: Any) -> list[Phase]:
@@ -321,6 +323,14 @@ def run_phase(
         pid = proc.proc.pid  # type: ignore[union-attr]
     if server_cores:
         os.sched_setaffinity(pid, server_cores)
+    quota = None
+    if cfg.cpu_quota is not None:
+        quota = CpuQuota(cfg.cpu_quota, f"meetstream-bench-{pid}")
+        try:
+            quota.add(pid)
+        except CgroupError:
+            proc.stop()
+            raise
     gen: LoadGen | None = None
     cmd: Commander | None = None
     out: dict[str, Any] = {
@@ -328,6 +338,7 @@ def run_phase(
         **dataclasses.asdict(ph),
         "server_pid": pid,
         "server_flags": flags,
+        "server_cpu_quota": cfg.cpu_quota,
     }
     try:
         time.sleep(0.5)
@@ -396,6 +407,8 @@ def run_phase(
         if cmd is not None:
             cmd.stop()
         proc.stop()
+        if quota is not None:
+            quota.remove()
         with contextlib.suppress(Exception):
             r.flushall()
         r.close()
@@ -641,6 +654,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-pin", action="store_true", help="let the server share all cores with the generator and Redis"
     )
+    parser.add_argument(
+        "--cpu-quota",
+        type=float,
+        metavar="CORES",
+        help="hold the server to this many cores (cgroup quota; Linux, root)",
+    )
     args = parser.parse_args(argv)
     if args.bots:
         targets = ["gateway", "reference"] if args.target == "both" else [args.target]
@@ -669,6 +688,7 @@ def main(argv: list[str] | None = None) -> None:
         name = "tiny" if args.tiny else "quick" if args.quick else "full"
         cfg = config(name, args.processes, not args.no_profile)
     cfg.gateway_args = shlex.split(args.gateway_args)
+    cfg.cpu_quota = args.cpu_quota
     result = run(cfg, args.only, limit=not args.no_limit, pin=not args.no_pin)
     print(f"[bench] results: {result['meta']['path']}")
     from bench.report import render
