@@ -35,9 +35,11 @@ class CpuQuota:
             if "cpu" not in (root / "cgroup.controllers").read_text().split():
                 raise CgroupError(f"no cpu controller in {root}")
             self.path = root / name
+            self._enable = root / "cgroup.subtree_control"  # children get cpu.max only once enabled
             self._files = {"cpu.max": f"{quota_us} {PERIOD_US}"}
         elif (root / "cpu" / "cpu.cfs_quota_us").exists():  # cgroup v1
             self.path = root / "cpu" / name
+            self._enable = None
             self._files = {"cpu.cfs_period_us": str(PERIOD_US), "cpu.cfs_quota_us": str(quota_us)}
         else:
             raise CgroupError(f"no cgroup cpu controller under {root}")
@@ -45,6 +47,8 @@ class CpuQuota:
     def add(self, pid: int) -> None:
         """Create the group, set its quota and move ``pid`` (all its threads) into it."""
         try:
+            if self._enable is not None:
+                self._enable.write_text("+cpu")
             self.path.mkdir(exist_ok=True)
             for name, value in self._files.items():
                 (self.path / name).write_text(value)

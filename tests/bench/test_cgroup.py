@@ -15,6 +15,7 @@ def test_cgroup_v2_gets_a_quota_per_period_and_the_process(tmp_path: Path) -> No
     quota.add(4242)
     assert (tmp_path / "bench-1" / "cpu.max").read_text() == f"{PERIOD_US // 4} {PERIOD_US}"
     assert (tmp_path / "bench-1" / "cgroup.procs").read_text() == "4242"
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+cpu"
 
 
 def test_cgroup_v1_gets_period_and_quota(tmp_path: Path) -> None:
