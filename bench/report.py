@@ -13,7 +13,7 @@ from typing import Any
 from bench.profile import is_boilerplate
 
 
-def _server(p: dict[str, Any]) -> str:
+def server_label(p: dict[str, Any]) -> str:
     """The server of a phase, with the CPU quota it ran under (``bench.run --cpu-quota``)."""
     quota = p.get("server_cpu_quota")
     return p["target"] if quota is None else f"{p['target']} ({quota:g} cores)"
@@ -116,7 +116,7 @@ def wakeup_table(phases: list[dict[str, Any]]) -> str:
         rows.append(
             [
                 p["phase"],
-                _server(p),
+                server_label(p),
                 str(p["bots"]),
                 _f(p["redis_fps"]),
                 _f(p["server_wakeups_per_s"]),
@@ -145,14 +145,15 @@ def phase_table(phases: list[dict[str, Any]]) -> str:
     for p in phases:
         if p.get("failed"):
             rows.append(
-                [p["phase"], _server(p), str(p["bots"]), "FAILED: " + p.get("errors", "")[:80]] + [""] * 10
+                [p["phase"], server_label(p), str(p["bots"]), "FAILED: " + p.get("errors", "")[:80]]
+                + [""] * 10
             )
             continue
         ratio = p.get("offered_ratio")
         rows.append(
             [
                 p["phase"],
-                _server(p),
+                server_label(p),
                 str(p["bots"]),
                 _f(p["intended_fps"]) if p["intended_fps"] else "flood",
                 _f(p["offered_fps"]) + (f" ({ratio:.0%})" if ratio else ""),
@@ -202,7 +203,7 @@ def latency_table(phases: list[dict[str, Any]]) -> str:
         rows.append(
             [
                 p["phase"],
-                _server(p),
+                server_label(p),
                 str(p["bots"]),
                 f"{p['commands_received']}/{p['commands_written']}",
                 _f(c["p50"], ".2f"),
@@ -249,7 +250,7 @@ def overload_table(phases: list[dict[str, Any]]) -> str:
         rows.append(
             [
                 p["phase"],
-                _server(p),
+                server_label(p),
                 str(p["bots"]),
                 str(p["frames_sent"]),
                 str(p["frames_blocked_at_bot"]),
@@ -340,7 +341,7 @@ def commands_table(phases: list[dict[str, Any]]) -> str:
         c = p["command_latency_ms"]
         rows.append(
             [
-                _server(p),
+                server_label(p),
                 str(p["bots"]),
                 _f(p["commands_written"] / p["window_s"] if p["window_s"] else None),
                 f"{p['commands_received']}/{p['commands_written']}",

@@ -206,9 +206,8 @@ class CommandReader:
         group = self._group_of.get(keys.bot_id)
         if group is not None:
             return group
-        # Even on a single Redis, where one read could span every shard, each read
-        # stays small: Redis re-registers every key of a blocking read each time it
-        # wakes, so a thousand keys in one read costs Redis far more than many reads.
+        # Even on a single Redis, where one read could span every shard, reads stay
+        # small (the module docstring says why).
         limit = self.settings.command_read_streams
         index = 0
         while (group := self._groups.get((keys.shard, index))) is not None:

@@ -78,10 +78,7 @@ class AudioEncoder:
         return [
             self.speaker_head(key, speaker_id.encode(), speaker_name.encode(), len(pcm)),
             pcm,
-            b"\r\n"
-            + self._tail_sr
-            + b"$3\r\nseq\r\n$%d\r\n%b\r\n$4\r\nconn\r\n$%d\r\n%b\r\n$2\r\nts\r\n$%d\r\n%b\r\n"
-            % (len(seq_b), seq_b, len(conn), conn, len(ts_b), ts_b),
+            self.tail_template(conn) % (len(seq_b), seq_b, len(ts_b), ts_b),
         ]
 
     def speaker_head(self, key: str, sid: bytes, name: bytes, pcm_size: int) -> bytes:

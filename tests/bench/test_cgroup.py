@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench.cgroup import PERIOD_US, CgroupError, CpuQuota
+from bench.report import server_label
 
 
 def test_cgroup_v2_gets_a_quota_per_period_and_the_process(tmp_path: Path) -> None:
@@ -36,3 +37,9 @@ def test_no_controller_or_a_bad_quota_is_a_clear_error(tmp_path: Path) -> None:
         CpuQuota(0.5, "x", root=tmp_path)
     with pytest.raises(CgroupError, match="must be above 0"):
         CpuQuota(0, "x", root=tmp_path)
+
+
+def test_the_report_says_which_phases_ran_under_a_quota() -> None:
+    assert server_label({"target": "gateway", "server_cpu_quota": None}) == "gateway"
+    assert server_label({"target": "reference", "server_cpu_quota": 0.25}) == "reference (0.25 cores)"
+    assert server_label({"target": "gateway"}) == "gateway"  # results files from before the option

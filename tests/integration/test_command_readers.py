@@ -68,9 +68,12 @@ async def test_another_gateway_takes_over_a_bot_held_by_any_of_the_readers(redis
             await bot.connect_control()
         await eventually(lambda: all(_ready(a, h.bot_id) for h in held))
         assert a.bots.reader.connections == 3
+        signals = a.keyspace.shard_wake(0, a.settings.gateway_id)
         await held[0].close()
         await held[1].close()
         await eventually(lambda: a.bots.reader.connections == 1)
+        # The readers that left did not take the shard's signal stream with them.
+        assert await redis_client.xinfo_groups(signals)
         await _send(redis_client, a, held[2].bot_id, "before")
         assert (await held[2].next_command(timeout=10, after=0))["message"] == "before"
         moved = SimulatedBot(ws_url(b), held[2].bot_id, record_sent=False)
@@ -78,4 +81,11 @@ async def test_another_gateway_takes_over_a_bot_held_by_any_of_the_readers(redis
         await eventually(lambda: held[2].control.close_code == 4409, 10)
         await _send(redis_client, b, held[2].bot_id, "on the new gateway")
         assert (await moved.next_command(timeout=10, after=0))["message"] == "on the new gateway"
+        # The shard's last reader on A is gone: its signal stream goes with it.
+        await eventually(lambda: a.bots.reader.connections == 0)
+        await eventually(lambda: _gone(redis_client, signals))
         await moved.close()
+
+
+async def _gone(redis_client, key: str) -> bool:
+    return not await redis_client.exists(key)
