@@ -231,6 +231,10 @@ class BotServer:
             await self._close(ws, close.code, close.text)
         except ConnectionClosed:
             pass
+        except Exception as exc:
+            # A bug of ours, in this bot's handling only: close it, never leave it half-attached.
+            self._fail(conn, "receive", exc)
+            await self._close(ws, CLOSE_INTERNAL_ERROR, "internal error")
         finally:
             if conn.watchdog is not None:
                 conn.watchdog.cancel()
@@ -239,7 +243,10 @@ class BotServer:
             self.open_connections -= 1
             self.metrics.connections.labels(channel).dec()
             self.metrics.connections_closed.labels(channel, close_reason).inc()
-            await self._unbind(conn)
+            try:
+                await self._unbind(conn)
+            except Exception as exc:
+                self._fail(conn, "unbind", exc)
 
     def _bind(self, conn: BotConnection, bot_id: str) -> BotKeys:
         claims = self._claims.get(conn.ws)
@@ -273,7 +280,9 @@ class BotServer:
     async def _unbind(self, conn: BotConnection) -> None:
         if conn.sender is not None:
             conn.sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # The sender handles its own errors (_fail); nothing it raises may keep
+            # this connection attached.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await conn.sender
         session, current, ended = self.registry.detach(conn)
         if session is None:
@@ -294,7 +303,10 @@ class BotServer:
             extra={"bot_id": keys.bot_id, "channel": conn.channel, "code": code, "session_ended": ended},
         )
         if current and conn.channel == "control" and conn.ready:
-            await self.reader.remove(keys.bot_id)
+            try:
+                await self.reader.remove(keys.bot_id)
+            except Exception as exc:
+                self._fail(conn, "unbind", exc)
         if conn.evicted_by is not None:
             # Our unsent or unacked commands are pending under our name: the new owner claims them.
             with contextlib.suppress(RedisError):
@@ -511,31 +523,74 @@ class BotServer:
             return  # unacked: the entries stay pending and are claimed on reconnect
         keys = session.keys  # type: ignore[union-attr]
         outbox = conn.outbox
-        now_ms = self.backend.now_ms()
-        for entry_id, fields in entries:
-            try:
-                command = parse_command(
-                    fields,
-                    bot_id,
-                    entry_id=entry_id,
-                    max_bytes=self.settings.command_max_bytes,
-                    max_image_bytes=self.settings.image_max_bytes,
-                )
-                self._check_age(command, now_ms)
-                outbox.put(command, wake=False)
-            except CommandRejected as exc:
-                if exc.reason == "queue_full":
-                    self.metrics.playback_bound_hits.labels(
-                        "entries" if "entries" in exc.detail else "held_seconds"
-                    ).inc()
-                self._reject(keys, entry_id, exc)
-        self._send_due_now(conn, keys)
-        outbox.settle()
-        # An interrupt among the entries has dropped audio: say so now, not at the next send.
-        self._playback_report(keys, outbox)
-        if outbox.full:
-            self.metrics.playback_bound_hits.labels("commands").inc()
-            self.reader.pause(bot_id)
+        try:
+            now_ms = self.backend.now_ms()
+            for entry_id, fields in entries:
+                self._accept(keys, outbox, entry_id, fields, now_ms)
+            self._send_due_now(conn, keys)
+            outbox.settle()
+            # An interrupt among the entries has dropped audio: say so now, not at the next send.
+            self._playback_report(keys, outbox)
+            if outbox.full:
+                self.metrics.playback_bound_hits.labels("commands").inc()
+                self.reader.pause(bot_id)
+        except Exception as exc:
+            # Not one entry's fault (those are rejected in _accept): this bot's state is
+            # unknown now. Close it; what was not acked is delivered on its next connection.
+            self._fail(conn, "deliver", exc)
+            self._close_soon(conn, CLOSE_INTERNAL_ERROR, "error", "internal error")
+
+    def _accept(
+        self, keys: BotKeys, outbox: Outbox, entry_id: str, fields: dict[bytes, bytes], now_ms: int
+    ) -> None:
+        """One entry into the outbox, or exactly one ``command_rejected``, whatever it holds."""
+        try:
+            command = parse_command(
+                fields,
+                keys.bot_id,
+                entry_id=entry_id,
+                max_bytes=self.settings.command_max_bytes,
+                max_image_bytes=self.settings.image_max_bytes,
+            )
+            self._check_age(command, now_ms)
+            outbox.put(command, wake=False)
+        except CommandRejected as exc:
+            if exc.reason == "queue_full":
+                self.metrics.playback_bound_hits.labels(
+                    "entries" if "entries" in exc.detail else "held_seconds"
+                ).inc()
+            self._reject(keys, entry_id, exc)
+        except Exception as exc:
+            self._reject_unprocessable(keys, entry_id, exc)
+
+    def _reject_unprocessable(
+        self, keys: BotKeys, entry_id: str, exc: Exception, command: str = "unknown"
+    ) -> None:
+        """An entry we failed on (a bug of ours): rejected and acked, so that it cannot come
+        back on every connection of the bot and block everything behind it."""
+        log.error(
+            "could not process a command entry, rejecting it",
+            extra={"bot_id": keys.bot_id, "entry_id": entry_id},
+            exc_info=exc,
+        )
+        detail = f"the gateway could not process this entry ({type(exc).__name__}); its log has more"
+        self._reject(keys, entry_id, CommandRejected("unprocessable", detail, command))
+
+    def _fail(self, conn: BotConnection, stage: str, exc: BaseException) -> None:
+        """Count and log an unexpected error inside one bot's handling."""
+        self.metrics.bot_failures.labels(stage).inc()
+        conn.close_reason = conn.close_reason or "error"
+        log.error(
+            "bot handling failed",
+            extra={"bot_id": conn.bot_id, "channel": conn.channel, "stage": stage},
+            exc_info=exc,
+        )
+
+    def _close_soon(self, conn: BotConnection, code: int, reason: str, text: str) -> None:
+        """Close a connection from code that must not wait (a reader's or the socket's turn)."""
+        if conn.close_reason is None or conn.close_reason == "error":
+            conn.close_reason = reason
+        self._spawn(self._close(conn.ws, code, text))
 
     def _ack_elsewhere(self, acks: list[Ack]) -> None:
         """Acks the reader could not send with its next read go with the publisher's writes."""
@@ -591,12 +646,15 @@ class BotServer:
                     continue
                 if not self._still_wanted(keys, out):
                     continue
+                data = self._encode_out(keys, out)
+                if data is None:
+                    continue
                 # Cancelled or broken during this write: the entry stays unacked and is
                 # delivered again on the bot's next control connection.
                 conn.sending = True
                 try:
                     async with asyncio.timeout(self.settings.send_timeout_s):
-                        await ws.send(out.text)
+                        await ws.send(data, text=True)
                 except TimeoutError:
                     # A bot that stops reading must not hold commands (or memory) forever;
                     # the unacked entry is delivered on its next connection.
@@ -611,12 +669,33 @@ class BotServer:
                     await self.reader.resume(keys.bot_id)
         except ConnectionClosed:
             return
+        except Exception as exc:
+            # A bug of ours in this bot's delivery: close it (what is unacked comes again
+            # on its next connection) rather than leave it connected with nobody sending.
+            self._fail(conn, "send", exc)
+            self._close_soon(conn, CLOSE_INTERNAL_ERROR, "error", "internal error")
         finally:
             # The bot's queue is gone with its socket: report the utterances it cut off.
-            scheduler.abort(clock())
-            self._playback_report(keys, outbox)
+            try:
+                scheduler.abort(clock())
+                self._playback_report(keys, outbox)
+            except Exception as exc:
+                self._fail(conn, "send", exc)
             metrics.playback_audio_held.dec(outbox.reported_held_s)
             outbox.reported_held_s = 0.0
+
+    def _encode_out(self, keys: BotKeys, out: Outgoing) -> bytes | None:
+        """The message as UTF-8, or None when it cannot be (rejected and acked instead:
+        an entry that fails here would fail again on every connection of the bot)."""
+        try:
+            return out.text.encode()
+        except Exception as exc:
+            if out.entry_id:
+                self._reject_unprocessable(keys, out.entry_id, exc, out.name)
+                extra = [a for a in out.acks if a != out.entry_id]
+                if extra:
+                    self.publisher.ack(keys.commands, extra)
+            return None
 
     def _still_wanted(self, keys: BotKeys, out: Outgoing) -> bool:
         """False for a command that waited past its maximum age: rejected and acked instead."""
@@ -650,15 +729,16 @@ class BotServer:
         if sender is None or sender.done():  # not set up yet, or gone with the socket
             return
         scheduler = outbox.scheduler
-        try:
-            while ws.can_send_now() and (out := scheduler.next_send(outbox.clock())) is not None:
-                if self._still_wanted(keys, out):
-                    ws.send_now(out.text)
-                    self._sent(conn, keys, out)
-        except Exception:
-            # Not this shard's reader's problem: the entry is unacked, so it is delivered
-            # again on the bot's next connection, and the sender task sees the socket fail.
-            log.exception("writing a command from the reader failed", extra={"bot_id": keys.bot_id})
+        while ws.can_send_now() and (out := scheduler.next_send(outbox.clock())) is not None:
+            if self._still_wanted(keys, out) and (data := self._encode_out(keys, out)) is not None:
+                try:
+                    ws.send_now(data)
+                except (OSError, RuntimeError, InvalidState) as exc:
+                    # The socket failed under the write: the entry is unacked, so it is
+                    # delivered again on the bot's next connection; the sender sees it close.
+                    log.info("writing a command failed", extra={"bot_id": keys.bot_id, "error": repr(exc)})
+                    return
+                self._sent(conn, keys, out)
 
     def _check_age_of(self, out: Outgoing) -> None:
         age_ms = self.backend.now_ms() - entry_time_ms(out.entry_id)

@@ -430,6 +430,10 @@ class CommandReader:
                     self._delivering = group
                     try:
                         self.deliver(bot_id, decoded)
+                    except Exception:
+                        # deliver() contains its own failures; this is the last line that
+                        # keeps one bot's trouble from stopping every bot of the shard.
+                        log.exception("delivering commands failed", extra={"bot_id": bot_id})
                     finally:
                         self._delivering = None
         except asyncio.CancelledError:
@@ -470,17 +474,25 @@ class CommandReader:
         await pipe.execute()
 
     def _on_signals(self, entries: list[Entry]) -> None:
-        for _, fields in entries:
-            if b"evict" in fields and self.evict is not None:
-                self.evict(
-                    fields[b"evict"].decode(),
-                    fields.get(b"conn", b"").decode(),
-                    fields.get(b"by", b"").decode(),
-                )
-            elif b"reclaim" in fields:
-                task = asyncio.create_task(self._reclaim(fields[b"reclaim"].decode()))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+        for entry_id, fields in entries:
+            try:
+                self._on_signal(fields)
+            except Exception:
+                # Anyone who can write to Redis can write here: one bad entry is logged
+                # (and acked with the rest), never the end of the shard's reader.
+                log.exception("could not handle a signal", extra={"entry_id": entry_id})
+
+    def _on_signal(self, fields: dict[bytes, bytes]) -> None:
+        if b"evict" in fields and self.evict is not None:
+            self.evict(
+                fields[b"evict"].decode(),
+                fields.get(b"conn", b"").decode(),
+                fields.get(b"by", b"").decode(),
+            )
+        elif b"reclaim" in fields:
+            task = asyncio.create_task(self._reclaim(fields[b"reclaim"].decode()))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _reclaim(self, bot_id: str) -> None:
         """The gateway we took a bot over from has let go: take what it left pending."""

@@ -44,6 +44,9 @@ REJECT_REASONS = (
     "too_large",
     "expired",
     "queue_full",
+    # The gateway could not process the entry (a bug of ours, logged with a traceback):
+    # rejected rather than retried, so that one entry can never block a bot's stream.
+    "unprocessable",
 )
 
 #: Longest ``utterance_id`` a worker may choose (it is echoed in playback events).

@@ -35,6 +35,10 @@ DROP_REASONS = (
     "rate_limited",
     "too_large",
     "overload",
+    # A speaker id or name longer than --audio-speaker-max-bytes.
+    "header_too_large",
+    # A bot over its byte budget (--bot-max-bytes-per-s).
+    "bot_budget",
 )
 PUBLISH_KINDS = ("audio", "event")
 REDIS_OPS = ("publish", "read_commands", "ack", "claim", "expire", "ping")
@@ -53,9 +57,25 @@ CLOSE_REASONS = (
     "wrong_bot",
     "keepalive_timeout",
     "error",
+    # Kept sending over its rate or byte budget after a whole burst was dropped (1008).
+    "policy_violation",
+    # Did not read what we wrote (pongs, commands) past --ws-write-buffer-max-bytes.
+    "write_buffer_full",
 )
 #: Why a connection was refused before the WebSocket upgrade.
-REFUSE_REASONS = ("bad_path", "draining", "over_capacity", *AUTH_FAILURES)
+REFUSE_REASONS = (
+    "bad_path",
+    "draining",
+    "over_capacity",
+    "overloaded",
+    # More open connections for one bot (or token) than --max-connections-per-bot.
+    "bot_connections",
+    # A bot_id that reconnects faster than --bot-connects-per-min allows.
+    "reconnect_rate",
+    *AUTH_FAILURES,
+)
+#: Where inside one bot's handling an unexpected error struck (the bot is closed with 1011).
+FAILURE_STAGES = ("receive", "deliver", "send", "unbind")
 
 #: Per-bot playback buffers whose bound can be hit (see gateway.playback).
 PLAYBACK_BOUNDS = ("held_seconds", "entries", "commands")
@@ -222,14 +242,45 @@ class Metrics:
             ["bound"],
             registry=r,
         )
+        self.bot_failures = Counter(
+            f"{NS}_bot_failures_total",
+            "Unexpected errors inside one bot's handling (a bug: logged with a traceback; "
+            "the bot is closed with 1011 and its session detached)",
+            ["stage"],
+            registry=r,
+        )
         self.chat_coalesced = Counter(
             f"{NS}_chat_interims_coalesced_total",
             "Interim sendchat updates replaced by a newer one unsent",
             registry=r,
         )
+        # Housekeeping (gateway/janitor.py): leftovers no bot's gateway cleans up.
+        self.janitor_passes = Counter(
+            f"{NS}_janitor_passes_total", "Housekeeping passes over command streams run", registry=r
+        )
+        self.janitor_errors = Counter(
+            f"{NS}_janitor_errors_total",
+            "Housekeeping passes cut short by a Redis error (the next pass goes on from there)",
+            registry=r,
+        )
+        self.janitor_streams_checked = Counter(
+            f"{NS}_janitor_streams_checked_total", "Command streams a housekeeping pass examined", registry=r
+        )
+        self.janitor_expiries_set = Counter(
+            f"{NS}_janitor_expiries_set_total",
+            "Command streams found without an expiry and given key_ttl_s (bots that never connected)",
+            registry=r,
+        )
+        self.janitor_consumers_deleted = Counter(
+            f"{NS}_janitor_consumers_deleted_total",
+            "Idle consumers with nothing pending deleted from command streams (gateways that are gone)",
+            registry=r,
+        )
         self._preinit()
 
     def _preinit(self) -> None:
+        for stage in FAILURE_STAGES:
+            self.bot_failures.labels(stage)
         for bound in PLAYBACK_BOUNDS:
             self.playback_bound_hits.labels(bound)
         for reason in PLAYBACK_END_REASONS:

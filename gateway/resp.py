@@ -19,7 +19,9 @@ def encode_arg(value: Any) -> bytes:
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):
-        return value.encode()
+        # A lone surrogate has no UTF-8 form; written escaped rather than failing the
+        # caller (validation rejects them first: this is the last line of defence).
+        return value.encode("utf-8", "backslashreplace")
     if isinstance(value, int):
         return b"%d" % value
     if isinstance(value, memoryview | bytearray):

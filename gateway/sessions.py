@@ -217,15 +217,15 @@ class BotWebSocket(ServerConnection):
             and not self.transport.is_closing()
         )
 
-    def send_now(self, text: str) -> None:
-        """Write a text message without waiting, as ``send()`` does when it need not wait.
+    def send_now(self, text: bytes) -> None:
+        """Write a text message (UTF-8 already) without waiting, as ``send()`` does when it need not wait.
 
         Only after :meth:`can_send_now`: this is how the command reader hands a
         command to an idle bot in the same turn of the event loop, instead of
         waking the bot's sender task for it (one more turn: under load, a pass
         over every ready socket).
         """
-        self.protocol.send_text(text.encode())
+        self.protocol.send_text(text)
         self.send_data()
 
     def process_event(self, event: Event) -> None:
