@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -260,24 +261,41 @@ class SimulatedBot:
         await self.close()
 
 
-async def _main(args: argparse.Namespace) -> None:
-    speakers = [Speaker(f"spk-{i}", name, 180.0 + 90 * i) for i, name in enumerate(args.speaker)]
-    bots = [
-        SimulatedBot(args.url, f"{args.bot_id}-{n}" if args.bots > 1 else args.bot_id, record_sent=False)
-        for n in range(args.bots)
-    ]
+async def _talk(bots: list[SimulatedBot], speakers: list[Speaker], args: argparse.Namespace) -> None:
     for bot in bots:
         bot.on_command = lambda item, b=bot: print(
             f"[{b.bot_id}] command {item.command.get('command')}: {json.dumps(item.command)[:120]}",
             flush=True,
         )
         await bot.connect()
+    await asyncio.gather(*(b.stream_speech(speakers, args.seconds, args.frame_ms) for b in bots))
+    await asyncio.sleep(args.linger)
+
+
+async def _main(args: argparse.Namespace) -> None:
+    speakers = [Speaker(f"spk-{i}", name, 180.0 + 90 * i) for i, name in enumerate(args.speaker)]
+    bots = [
+        SimulatedBot(args.url, f"{args.bot_id}-{n}" if args.bots > 1 else args.bot_id, record_sent=False)
+        for n in range(args.bots)
+    ]
+    # `docker stop` and `compose down` send SIGTERM, to PID 1 in a container,
+    # which ignores it unless it has a handler: without one the bot would be
+    # killed at the end of the grace period (exit 137). It leaves its meeting.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    talk = asyncio.create_task(_talk(bots, speakers, args))
+    stopped = asyncio.create_task(stop.wait())
     try:
-        await asyncio.gather(*(b.stream_speech(speakers, args.seconds, args.frame_ms) for b in bots))
-        await asyncio.sleep(args.linger)
+        await asyncio.wait({talk, stopped}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        talk.cancel()
+        stopped.cancel()
         for bot in bots:
             await bot.close()
+    if not stop.is_set():
+        talk.result()  # the bots' own failure, if any, is the exit status
 
 
 def main() -> None:
