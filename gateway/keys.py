@@ -19,6 +19,7 @@ its lifecycle events, and ``meetstream-gateway keys BOT_ID`` prints them.
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -80,6 +81,15 @@ class KeySpace:
             commands=f"{self.prefix}:{{{tag}}}:{bot_id}:commands",
             shard=shard,
         )
+
+    def command_pattern(self) -> str:
+        """A SCAN MATCH glob for every bot's command stream, in any shard (``janitor``).
+
+        Any width of shard number, so streams named under an earlier ``command_shards``
+        are found too; the prefix's glob characters are escaped.
+        """
+        prefix = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix)
+        return f"{prefix}:{{c[0-9]*}}:*:commands"
 
     def shard_wake(self, shard: int, gateway_id: str) -> str:
         """A gateway's signal stream in a shard's slot, where other gateways write (``command_reader``)."""
