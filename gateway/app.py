@@ -6,7 +6,7 @@ Order of shutdown, each step idempotent:
    keep working until they leave or ``drain_timeout_s`` is spent;
 2. close the remaining bot sockets with 1012 (service restart), so that a bot
    that reconnects lands on another replica;
-3. stop the command readers (unsent commands stay pending in Redis);
+3. stop the command readers (unsent commands stay pending in Redis) and the janitor;
 4. flush what the publisher holds, then close Redis and the embedded server.
 """
 
@@ -28,6 +28,7 @@ from websockets.asyncio.server import Server, serve
 from gateway.bot_server import CLOSE_SERVICE_RESTART, BotServer
 from gateway.embedded_redis import RedisServer
 from gateway.exceptions import InternalTaskFailed
+from gateway.janitor import Janitor
 from gateway.keys import KeySpace
 from gateway.metrics import Metrics, watch_gc
 from gateway.probes import ProbeServer
@@ -55,6 +56,7 @@ class Gateway:
         self.bots: BotServer | None = None
         self.ws_server: Server | None = None
         self.probes: ProbeServer | None = None
+        self.janitor: Janitor | None = None
         self.redis_ok = False
         self._tasks: list[asyncio.Task[None]] = []
         self._crashed: asyncio.Task[None] | None = None
@@ -130,6 +132,10 @@ class Gateway:
             self._tasks.append(asyncio.create_task(self.bots.keepalive(), name="keepalive"))
         for task in self._tasks:
             self._supervise(task)
+        # Not supervised: it catches and counts its own failures, and housekeeping is
+        # never a reason to stop serving bots.
+        self.janitor = Janitor(self.backend, self.keyspace, settings, self.metrics)
+        self.janitor.start()
         self._unwatch_gc = watch_gc(self.metrics.gc_pause)
         # Everything allocated so far (modules, settings, clients) lives as long as the
         # process: move it out of the collector's sight, so that each full collection
@@ -219,6 +225,8 @@ class Gateway:
             if self.bots is not None:
                 await self.bots.reader.stop()
                 await self.bots.shedder.stop()
+            if self.janitor is not None:
+                await self.janitor.stop()
             for task in self._tasks:
                 task.cancel()
             for task in self._tasks:

@@ -58,6 +58,26 @@ class Settings:
         10.0, "Seconds of that rate a connection may send at once (a catch-up after a stall is not abuse)"
     )
     max_connections: int = _opt(20_000, "Bot connections per replica; beyond it new ones get HTTP 503")
+    # Per bot: what one bot_id may take, however often it reconnects (docs/SECURITY.md)
+    max_connections_per_bot: int = _opt(
+        8, "Open connections per bot_id (per token on a bare path); beyond it new ones get HTTP 429"
+    )
+    bot_connects_per_min: float = _opt(
+        60.0, "New connections a bot_id may open per minute, 20 at once; beyond it HTTP 429"
+    )
+    bot_max_bytes_per_s: int = _opt(
+        1 << 20, "Bytes a bot may send per second (rate_burst_s of it at once); the excess is dropped"
+    )
+    ws_write_buffer_max_bytes: int = _opt(
+        4 << 20, "Bytes written to a bot that it has not read (pongs piling up): past this it is closed"
+    )
+    audio_text_max_bytes: int = _opt(
+        256 << 10,
+        "Largest text message on the audio channel (handshake, legacy PCMChunk); larger are dropped",
+    )
+    audio_speaker_max_bytes: int = _opt(
+        1024, "Longest speaker id or name in an audio frame; frames with longer ones are dropped"
+    )
     idle_timeout_s: float = _opt(
         0.0, "Close a connection silent this long (0: off; pings already catch dead peers)"
     )
@@ -82,6 +102,15 @@ class Settings:
     audio_maxlen: int = _opt(600, "Approximate MAXLEN of a bot's audio stream (600 = 60 s of 100 ms frames)")
     events_maxlen: int = _opt(10_000, "Approximate MAXLEN of a bot's event stream")
     global_events_maxlen: int = _opt(100_000, "Approximate MAXLEN of the global lifecycle stream")
+    audio_stream_max_bytes: int = _opt(
+        16 << 20, "Most bytes of one bot's audio stream: large frames trim it to fewer entries"
+    )
+    events_stream_max_bytes: int = _opt(
+        8 << 20, "Most bytes of one bot's event stream: large entries trim it to fewer entries"
+    )
+    global_event_data_max_bytes: int = _opt(
+        4096, "Largest bot text copied into the global lifecycle stream (the bot's own stream has it whole)"
+    )
     key_ttl_s: int = _opt(3600, "Expiry of a bot's keys once it has left (refreshed while it is here)")
     # Commands
     command_max_age_s: float = _opt(
@@ -94,6 +123,12 @@ class Settings:
         16, "Most command streams one blocking read waits on; a shard with more bots gets more readers"
     )
     outbox_max_commands: int = _opt(256, "Commands held per bot before reading pauses (backpressure)")
+    outbox_max_bytes: int = _opt(
+        16 << 20, "Bytes of commands held per bot before reading its stream pauses (backpressure)"
+    )
+    commands_max_held_bytes: int = _opt(
+        256 << 20, "Bytes of commands held for all bots before reading pauses for any bot adding more"
+    )
     image_max_bytes: int = _opt(2 << 20, "Largest sendimg image (decoded bytes); larger ones are rejected")
     # Audio playback (see docs/PLAYBACK.md)
     playback_chunk_ms: int = _opt(100, "Audio is sent to bots in chunks of this length")
@@ -106,6 +141,9 @@ class Settings:
     publish_buffer_bytes: int = _opt(
         64 << 20, "Audio and events held for Redis; beyond it the oldest audio is dropped"
     )
+    publish_control_buffer_bytes: int = _opt(
+        32 << 20, "Events and acks held for Redis; beyond it the oldest are dropped (counted)"
+    )
     publish_batch_max: int = _opt(2000, "Most stream entries sent in one pipeline")
     publish_pipeline_depth: int = _opt(
         4, "Pipelines on the wire to Redis at once, before waiting for the oldest's replies"
@@ -115,6 +153,18 @@ class Settings:
     )
     publish_interval_ms: float = _opt(
         2.0, "Least time between two pipelines: frames wait at most this long to share a round trip"
+    )
+    # Housekeeping (gateway/janitor.py)
+    janitor_interval_s: float = _opt(
+        300.0,
+        "Seconds between housekeeping passes over command streams: orphans expire, consumers of gone "
+        "gateways go (the first pass after a random delay up to this; 0 disables)",
+    )
+    janitor_max_keys: int = _opt(
+        10_000, "Most command streams one housekeeping pass examines; the next pass resumes the scan there"
+    )
+    janitor_consumer_idle_s: float = _opt(
+        3600.0, "Delete a command stream's gateway consumer idle this long with no pending entries"
     )
     # Logging and identity
     event_loop: EventLoop = _opt("auto", "asyncio event loop: uvloop when installed (auto), or force one")
@@ -149,12 +199,31 @@ class Settings:
             "max_connections",
             "send_timeout_s",
             "publish_backpressure_bytes",
+            "max_connections_per_bot",
+            "bot_connects_per_min",
+            "bot_max_bytes_per_s",
+            "ws_write_buffer_max_bytes",
+            "audio_speaker_max_bytes",
+            "audio_text_max_bytes",
+            "audio_stream_max_bytes",
+            "events_stream_max_bytes",
+            "global_event_data_max_bytes",
+            "outbox_max_bytes",
+            "commands_max_held_bytes",
+            "publish_control_buffer_bytes",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         for name in ("image_max_bytes", "playback_chunk_ms", "playback_max_held_s", "playback_max_entries"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if self.janitor_interval_s < 0:
+            problems.append("janitor_interval_s must be 0 (off) or positive")
+        for name in ("janitor_max_keys", "janitor_consumer_idle_s"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.bot_max_bytes_per_s * self.rate_burst_s < self.ws_max_message_bytes:
+            problems.append("bot_max_bytes_per_s x rate_burst_s must hold at least one ws_max_message_bytes")
         if self.playback_lead_ms < self.playback_chunk_ms:
             problems.append("playback_lead_ms must be at least playback_chunk_ms")
         if not 1 <= self.command_shards <= 1024:
