@@ -12,7 +12,11 @@ the gateway converts, chunks and paces the audio (:mod:`gateway.playback`).
 
 :func:`parse_command` turns an entry into a :class:`Command` ready to send, or
 raises :class:`~gateway.exceptions.CommandRejected` with a reason from
-:data:`REJECT_REASONS` and a precise detail.
+:data:`REJECT_REASONS` and a precise detail. Nothing else escapes it, whatever the
+entry holds: workers in any language, bugs included, write these streams. The
+detail is valid UTF-8 and at most :data:`DETAIL_MAX_CHARS` (it is published);
+an accepted command's strings are valid Unicode (JSON's ``"\ud83d"`` escape makes
+strings that are not), so sending it and publishing what it echoes cannot fail.
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ REJECT_REASONS = (
     "unprocessable",
 )
 
+#: Longest rejection detail: it is echoed in a ``command_rejected`` event and logged.
+DETAIL_MAX_CHARS = 300
+_SHOWN_MAX_CHARS = 60  # of one name or value echoed in a detail
+
 #: Longest ``utterance_id`` a worker may choose (it is echoed in playback events).
 UTTERANCE_ID_MAX_LEN = 128
 #: Default cap on a decoded ``sendimg`` image (``--image-max-bytes``).
@@ -70,6 +78,44 @@ def _one_of(*allowed: Any) -> Callable[[Any], str | None]:
     return check
 
 
+def _show(value: object) -> str:
+    """Untrusted text as a detail may echo it: a repr (controls and lone surrogates
+    escaped, so always UTF-8), cut short; other values by their type only (a repr of
+    nested lists could be huge, or too deep to make)."""
+    if not isinstance(value, str | bytes):
+        return type(value).__name__
+    shown = repr(value[:_SHOWN_MAX_CHARS])
+    return shown + "..." if len(value) > _SHOWN_MAX_CHARS else shown
+
+
+def _int_text(value: int) -> str:
+    """An int for a detail: str() of a 4,000-digit int is long, and past 4,300 digits it raises."""
+    return str(value) if -(10**18) < value < 10**18 else f"a {value.bit_length()}-bit integer"
+
+
+def _bounded(detail: str) -> str:
+    """A detail fit to publish: valid UTF-8 and at most DETAIL_MAX_CHARS."""
+    if not detail.isascii():
+        detail = detail.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(detail) > DETAIL_MAX_CHARS:
+        detail = detail[: DETAIL_MAX_CHARS - 3] + "..."
+    return detail
+
+
+def _lone_surrogate(value: str) -> str | None:
+    """A complaint if ``value`` cannot be UTF-8: JSON's ``\\ud83d`` escape yields such
+    strings (JavaScript's JSON.stringify of a string cut inside an emoji), and sending
+    or publishing one would fail later, far from the worker's mistake."""
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        return (
+            f"has a lone UTF-16 surrogate (U+{ord(value[exc.start]):04X} at character {exc.start}): "
+            "not Unicode text (a string cut inside a character?)"
+        )
+    return None
+
+
 def _positive(value: int) -> str | None:
     return None if value > 0 else "must be a positive integer"
 
@@ -81,11 +127,13 @@ def _nonempty(value: str) -> str | None:
 def _sample_rate(value: int) -> str | None:
     if value in SAMPLE_RATES:
         return None
-    return f"{value} Hz is not supported; use one of {', '.join(map(str, SAMPLE_RATES))}"
+    return f"{_int_text(value)} Hz is not supported; use one of {', '.join(map(str, SAMPLE_RATES))}"
 
 
 def _mono(value: int) -> str | None:
-    return None if value == 1 else f"{value}: bots play mono only, send channels 1 (or leave it out)"
+    if value == 1:
+        return None
+    return f"{_int_text(value)}: bots play mono only, send channels 1 (or leave it out)"
 
 
 def _utterance_id(value: str) -> str | None:
@@ -167,29 +215,118 @@ class Command:
         return json.dumps(self.payload, separators=(",", ":"), ensure_ascii=False)
 
 
+#: The entry fields a command may come in, as Redis hands them over (bytes, or str
+#: with ``decode_responses``).
+_ENTRY_FIELDS: dict[bytes | str, str] = {
+    b"json": "json",
+    "json": "json",
+    b"msgpack": "msgpack",
+    "msgpack": "msgpack",
+}
+
+
+class _NotStrict(ValueError):
+    """A map that is not one unambiguous value: NaN or Infinity, or a key given twice."""
+
+
+def _one_value_per_key(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """object_pairs_hook: a key given twice is refused, not silently last-wins (which one did
+    the worker mean?). Cheap: one dict() and a length test per map."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[Any] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _NotStrict(f"field {_show(key)} appears twice")
+            seen.add(key)
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    """parse_constant: NaN and Infinity are not JSON; the bot's strict parser would choke."""
+    raise _NotStrict(f"{name} is not JSON (use a number, or null)")
+
+
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_one_value_per_key, parse_constant=_no_constant)
+
+
+def _field_name(key: object) -> object:
+    """A stream field name as a detail shows it: text if it is UTF-8, else its bytes."""
+    if isinstance(key, bytes):
+        try:
+            return key.decode()
+        except UnicodeDecodeError:
+            return key
+    return key
+
+
 def decode_entry(fields: Mapping[bytes | str, bytes | str], max_bytes: int) -> dict[str, Any]:
-    """Read the command map out of a stream entry's ``json`` or ``msgpack`` field."""
-    norm = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
-    present = [k for k in ("json", "msgpack") if k in norm]
-    if len(present) != 1:
+    """Read the command map out of a stream entry's ``json`` or ``msgpack`` field.
+
+    Other fields are ignored. The map's keys are str; JSON is strict (no NaN,
+    Infinity or repeated keys) and so is MessagePack (no repeated keys).
+    """
+    found = [(kind, raw) for key, raw in fields.items() if (kind := _ENTRY_FIELDS.get(key)) is not None]
+    if len(found) != 1:
+        names = sorted(_show(_field_name(key)) for key in fields)
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
         raise CommandRejected(
-            "bad_encoding",
-            f"entry must have exactly one of the fields json, msgpack; it has {sorted(norm)}",
+            "bad_encoding", f"entry must have exactly one of the fields json, msgpack; it has [{shown}]"
         )
-    raw = norm[present[0]]
+    kind, raw = found[0]
     if isinstance(raw, str):
-        raw = raw.encode()
+        try:
+            raw = raw.encode()
+        except UnicodeEncodeError as exc:
+            raise CommandRejected(
+                "bad_encoding", f"field {kind} is not UTF-8 (a lone surrogate at character {exc.start})"
+            ) from exc
+    elif not isinstance(raw, bytes):
+        raise CommandRejected("bad_encoding", f"field {kind} is {type(raw).__name__}, not bytes")
     if len(raw) > max_bytes:
         raise CommandRejected("too_large", f"{len(raw)} bytes, the limit is {max_bytes}")
-    try:
-        if present[0] == "json":
-            value = json.loads(raw)
-        else:
-            value = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except (ValueError, msgpack.UnpackException, UnicodeDecodeError) as exc:
-        raise CommandRejected("bad_encoding", f"field {present[0]} does not decode") from exc
+    value = _decode_json(raw) if kind == "json" else _decode_msgpack(raw)
     if not isinstance(value, dict):
-        raise CommandRejected("bad_encoding", f"the {present[0]} value must be a map")
+        raise CommandRejected("bad_encoding", f"the {kind} value must be a map")
+    return value
+
+
+def _decode_json(raw: bytes) -> Any:
+    # json.loads reads UTF-16 and UTF-32 too: so do we, but strictly (it lets encoded
+    # surrogates through), and with a decoder built once (json.loads with hooks builds one per call).
+    encoding = json.detect_encoding(raw)
+    try:
+        return _STRICT_JSON.decode(raw.decode(encoding))
+    except _NotStrict as exc:
+        raise CommandRejected("bad_encoding", f"field json: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise CommandRejected(
+            "bad_encoding", f"field json does not decode: {exc.msg} at character {exc.pos}"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise CommandRejected(
+            "bad_encoding", f"field json is not {encoding.upper()} (byte {exc.start})"
+        ) from exc
+    except RecursionError as exc:
+        raise CommandRejected("bad_encoding", "field json is nested too deeply") from exc
+    except ValueError as exc:  # an integer of more than 4,300 digits
+        raise CommandRejected("bad_encoding", "field json does not decode") from exc
+
+
+def _decode_msgpack(raw: bytes) -> Any:
+    try:
+        # strict_map_key: keys are str or bytes, never tuples or ints (nor hash-collision games).
+        value = msgpack.unpackb(raw, raw=False, strict_map_key=True, object_pairs_hook=_one_value_per_key)
+    except _NotStrict as exc:
+        raise CommandRejected("bad_encoding", f"field msgpack: {exc}") from exc
+    except (ValueError, msgpack.UnpackException) as exc:  # UnicodeDecodeError and StackError included
+        raise CommandRejected("bad_encoding", f"field msgpack does not decode: {exc}") from exc
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str):  # a bin key: what did the worker mean?
+                raise CommandRejected(
+                    "bad_encoding", f"field names must be strings; {_show(key)} is {type(key).__name__}"
+                )
     return value
 
 
@@ -214,15 +351,16 @@ def validate_command(raw: dict[str, Any], bot_id: str, *, max_image_bytes: int =
     """Check a decoded command map against the vendor's table for its command."""
     name = raw.get("command")
     if not isinstance(name, str) or name not in SPECS:
-        shown = name if isinstance(name, str) else type(name).__name__
-        raise CommandRejected("unknown_command", f"command {shown!r} is not one of {', '.join(COMMANDS)}")
+        raise CommandRejected("unknown_command", f"command {_show(name)} is not one of {', '.join(COMMANDS)}")
     spec = SPECS[name]
     claimed = raw.get("bot_id", bot_id)
     if claimed != bot_id:
-        raise CommandRejected("bot_id_mismatch", f"bot_id {claimed!r} in the stream of {bot_id!r}", name)
-    unknown = sorted(set(raw) - set(spec) - {"command", "bot_id"})
+        raise CommandRejected("bot_id_mismatch", f"bot_id {_show(claimed)} in the stream of {bot_id!r}", name)
+    unknown = set(raw) - set(spec) - {"command", "bot_id"}
     if unknown:
-        raise CommandRejected("unknown_field", f"unknown field(s) {', '.join(unknown)}", name)
+        shown = sorted(map(_show, unknown))
+        more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+        raise CommandRejected("unknown_field", f"unknown field(s) {', '.join(shown[:5])}{more}", name)
 
     payload: dict[str, Any] = {"command": name, "bot_id": bot_id}
     data: bytes | None = None
@@ -236,6 +374,8 @@ def validate_command(raw: dict[str, Any], bot_id: str, *, max_image_bytes: int =
             raise CommandRejected(
                 "bad_field", f"{fname} must be {_TYPE_NAMES[fspec.kind]}, got {type(value).__name__}", name
             )
+        if fspec.kind is str and not value.isascii() and (complaint := _lone_surrogate(value)):
+            raise CommandRejected("bad_field", f"{fname} {complaint}", name)
         if fspec.kind is bytes:
             data = _decode_base64(fname, value, name)
             if not data:
@@ -300,8 +440,18 @@ def parse_command(
     max_bytes: int = 16 << 20,
     max_image_bytes: int = IMAGE_MAX_BYTES,
 ) -> Command:
-    """Decode and validate one command stream entry."""
-    command = validate_command(decode_entry(fields, max_bytes), bot_id, max_image_bytes=max_image_bytes)
+    """Decode and validate one command stream entry.
+
+    Raises :class:`CommandRejected` and nothing else, whatever ``fields`` holds; its
+    detail is valid UTF-8 of at most :data:`DETAIL_MAX_CHARS`, fit to publish.
+    """
+    try:
+        command = validate_command(decode_entry(fields, max_bytes), bot_id, max_image_bytes=max_image_bytes)
+    except CommandRejected as exc:
+        # One place bounds every detail, however it was built (checks echo values).
+        exc.detail = _bounded(exc.detail)
+        exc.args = (exc.reason, exc.detail, exc.command)
+        raise
     command.entry_id = entry_id
     return command
 
