@@ -76,4 +76,17 @@ def test_dockerignore_lets_in_what_the_build_needs() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     assert lines[lines.index("*") :]  # deny by default
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert {"pyproject.toml", "gateway", "workers"} <= allowed
+    assert {"pyproject.toml", "gateway", "workers", "build/wheels*"} <= allowed
+
+
+def test_builds_offline_from_a_wheelhouse_with_any_builder() -> None:
+    """No parser directive: `# syntax=` makes BuildKit fetch a frontend image before anything
+    else, which fails offline. WHEELS switches pip to that directory alone. (tests/image
+    builds the image for real, with BuildKit and with Compose's legacy builder.)"""
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
+    build, _ = stages(text)
+    assert 'ARG WHEELS=""' in build
+    install = next(i for i in build if "pip install" in i)
+    assert '${WHEELS:+--no-index --find-links "$WHEELS"}' in install
+    assert "--only-binary=:all:" in install and "pip uninstall --yes --quiet pip setuptools wheel" in install
