@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway import protocol
 from gateway.exceptions import BadRoute, FrameError, MessageError
 from gateway.protocol import (
     AudioFrame,
@@ -106,6 +107,77 @@ def test_json_objects_only():
         parse_json_object("{nope")
     with pytest.raises(MessageError, match="not_object"):
         parse_json_object(json.dumps([1, 2]))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 100_000 + "]" * 100_000,
+        '{"type":"message","data":' + '{"a":' * 100_000 + "1" + "}" * 100_000 + "}",
+        "[" * 100_000,  # and not even closed
+    ],
+    ids=["array", "in_an_object", "unclosed"],
+)
+def test_json_nested_past_the_recursion_limit_is_bad_json(text):
+    """Deep JSON under the size limit closed a healthy connection with 1011 (issue 20)."""
+    for parse in (parse_json_object, lambda t: protocol.parse_json_message(t)):
+        with pytest.raises(MessageError) as err:
+            parse(text)
+        assert err.value.reason == "bad_json"
+
+
+def test_strict_json_is_published_as_the_bot_sent_it():
+    text = '{"type": "ready",  "bot_id": "b1", "name": "Zo\\u00eb \\ud83d\\ude00 Zoë", "n": 1.5e3}'
+    obj, out = protocol.parse_json_message(text)
+    assert out is text  # not a copy: nothing to normalise, nothing spent
+    assert obj == json.loads(text)
+
+
+def _strict_loads(text: str):
+    """A strict parser, as in most other languages: no NaN, no Infinity, no duplicate keys."""
+
+    def pairs(items):
+        assert len({k for k, _ in items}) == len(items), items
+        return dict(items)
+
+    def constant(name):
+        raise AssertionError(name)
+
+    return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+
+
+@pytest.mark.parametrize(
+    ("text", "normalized"),
+    [
+        ('{"type":"m","x":NaN}', {"type": "m", "x": None}),
+        ('{"type":"m","x":[Infinity,-Infinity,1]}', {"type": "m", "x": [None, None, 1]}),
+        ('{"type":"a","type":"b"}', {"type": "b"}),
+        ('{"type":"m","x":{"k":1,"k":2}}', {"type": "m", "x": {"k": 2}}),
+        ('{"type":"m","x":NaN,"big":1e999}', {"type": "m", "x": None, "big": None}),
+        ('{"type":"m","s":"\\ud83d","x":NaN}', {"type": "m", "s": "\ud83d", "x": None}),
+    ],
+    ids=["nan", "infinity", "duplicate", "nested_duplicate", "overflow", "lone_surrogate"],
+)
+def test_non_strict_json_is_normalized_for_other_languages(text, normalized):
+    """NaN, Infinity and duplicate keys: published as strict JSON (null, last key wins)."""
+    obj, out = protocol.parse_json_message(text)
+    assert obj == normalized
+    out.encode("utf-8")  # publishable
+    assert _strict_loads(out) == normalized
+    assert parse_json_object(text) == normalized
+
+
+@given(st.text(max_size=80) | st.sampled_from(['{"a":NaN}', '{"a":1,"a":2}', '{"a":"\\udc00"}']))
+def test_published_text_is_always_strict_json(text):
+    try:
+        obj, out = protocol.parse_json_message(text)
+    except MessageError:
+        return
+    out.encode("utf-8")
+    assert _strict_loads(out) == obj
+    if out != text:  # normalised only when the bot's own text was not strict
+        with pytest.raises((AssertionError, ValueError)):
+            _strict_loads(text)
 
 
 @pytest.mark.parametrize(
