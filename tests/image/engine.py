@@ -14,13 +14,11 @@ between runs (a cold run takes about half a minute for it).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -104,12 +102,6 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the test process dies, so no dockerd outlives a killed run."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class DockerEngine:
     """One ``dockerd`` in a temporary directory; :meth:`start`, :meth:`docker`, :meth:`stop`."""
 
@@ -141,7 +133,10 @@ class DockerEngine:
         dockerd = which("dockerd")
         if dockerd is None:
             raise EngineUnavailable("dockerd not found")
+        # SIGTERM to dockerd if the test process dies, so none outlives a killed run.
+        setpriv = which("setpriv")
         args = [
+            *([setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []),
             dockerd,
             "--config-file", str(self.dir / "daemon.json"),
             "--data-root", str(self.dir / "data"),
@@ -160,7 +155,6 @@ class DockerEngine:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # no threads yet at session start
             )
         deadline = time.monotonic() + timeout_s
         while not self._ping():
