@@ -17,6 +17,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
@@ -26,6 +27,7 @@ from gateway.exceptions import GatewayError
 VERSION = "v1"
 #: Why a connection was refused; a closed set, used as a metric label.
 AUTH_FAILURES = ("missing", "malformed", "bad_signature", "expired", "wrong_bot")
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class AuthError(GatewayError):
@@ -63,6 +65,8 @@ def _sign(secret: str, signed: str) -> bytes:
 
 
 def split_secrets(value: str) -> list[str]:
+    """The secrets of a comma-separated setting; empty items are skipped (``"$NEW,$OLD"``
+    with ``$OLD`` retired is ``"new,"``). Settings refuse a value with none in it."""
     return [s.strip() for s in value.split(",") if s.strip()]
 
 
@@ -78,31 +82,47 @@ def mint(secret: str, ttl_s: int, bot_id: str | None = None, now: float | None =
 
 
 def verify(secrets: list[str], token: str, now: float | None = None) -> Claims:
-    """Check signature and expiry; the caller checks the bot binding with :func:`check_bot`."""
+    """Check signature and expiry; the caller checks the bot binding with :func:`check_bot`.
+
+    The signature is checked before the claims are decoded: a token nobody signed
+    costs its shape check and the HMACs, never a JSON parse (deeply nested claims
+    made that an HTTP 500 per request).
+    """
     parts = token.split(".")
-    if len(parts) != 3 or parts[0] != VERSION:
-        raise AuthError("malformed", "token is not v1.<claims>.<signature>")
+    if len(parts) != 3 or parts[0] != VERSION or not all(map(_BASE64URL.fullmatch, parts[1:])):
+        raise AuthError("malformed", "token is not v1.<claims>.<signature> in base64url")
     signed = f"{parts[0]}.{parts[1]}"
     try:
         signature = _unb64(parts[2])
-        claims = json.loads(_unb64(parts[1]))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise AuthError("malformed", "token does not decode") from exc
+    except ValueError as exc:  # a length no base64 has
+        raise AuthError("malformed", "token signature does not decode") from exc
     # Compare against every secret, always: no early exit that times which one matched.
     matched = False
     for secret in secrets:
         matched |= hmac.compare_digest(_sign(secret, signed), signature)
     if not matched:
         raise AuthError("bad_signature", "token signature does not match")
-    if not isinstance(claims, dict) or not isinstance(claims.get("exp"), int):
-        raise AuthError("malformed", "token claims lack an integer exp")
-    bot = claims.get("bot")
+    claims = _decode_claims(parts[1])
+    now = time.time() if now is None else now
+    if claims.exp < now:
+        raise AuthError("expired", "token has expired")
+    return claims
+
+
+def _decode_claims(body: str) -> Claims:
+    """Signed claims, checked all the same: a bug in whatever minted them is a refusal, not a 500."""
+    try:
+        claims = json.loads(_unb64(body))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise AuthError("malformed", "token claims do not decode") from exc
+    if not isinstance(claims, dict):
+        raise AuthError("malformed", "token claims are not an object")
+    exp, bot, iat = claims.get("exp"), claims.get("bot"), claims.get("iat", 0)
+    if type(exp) is not int or type(iat) is not int:  # bool is an int subclass: not a time
+        raise AuthError("malformed", "token claims lack an integer exp, or iat is not an integer")
     if bot is not None and not isinstance(bot, str):
         raise AuthError("malformed", "token bot claim is not a string")
-    now = time.time() if now is None else now
-    if claims["exp"] < now:
-        raise AuthError("expired", "token has expired")
-    return Claims(claims["exp"], bot, int(claims.get("iat", 0)))
+    return Claims(exp, bot, iat)
 
 
 def check_bot(claims: Claims, bot_id: str | None) -> None:
