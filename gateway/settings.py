@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, get_args, get_type_hints
 
+from gateway.auth import split_secrets
 from gateway.exceptions import ConfigError
 
 ENV_PREFIX = "MEETSTREAM_"
@@ -226,6 +227,12 @@ class Settings:
             problems.append("bot_max_bytes_per_s x rate_burst_s must hold at least one ws_max_message_bytes")
         if self.playback_lead_ms < self.playback_chunk_ms:
             problems.append("playback_lead_ms must be at least playback_chunk_ms")
+        if self.auth_secret and not split_secrets(self.auth_secret):
+            # "$NEW,$OLD" with both unset: auth would be off without the AUTH DISABLED warning.
+            problems.append(
+                "auth_secret has no secret in it (only commas or spaces): "
+                "set one, or leave it empty to disable auth"
+            )
         if not 1 <= self.command_shards <= 1024:
             problems.append("command_shards must be 1-1024")
         if not self.key_prefix or any(c in self.key_prefix for c in "{} \t\r\n"):

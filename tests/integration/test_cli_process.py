@@ -85,6 +85,7 @@ async def test_console_script_runs_on_embedded_redis_and_stops_on_sigterm():
             {"json": '{"command":"sendmsg","message":"hi"}'},
         )
         assert (await bot.next_command(timeout=10, after=0))["message"] == "hi"
+
         # Audio is written asynchronously (batched): it lands within a round trip or two.
         async def stored() -> bool:
             return await client.xlen("meetstream:{cli_bot}:audio") == 3
@@ -107,3 +108,27 @@ def _shard(bot_id: str) -> int:
     from gateway.keys import command_shard
 
     return command_shard(bot_id, 16)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env_secret"),
+    [(["run", "--auth-secret", " , "], None), (["--port", "0"], ","), (["run"], " ,\t, ")],
+    ids=["flag", "env", "env_tab"],
+)
+def test_cli_refuses_to_start_with_a_secret_of_only_commas(argv, env_secret):
+    """``$NEW,$OLD`` with both unset: one clear line, exit 2, before anything starts (no Redis)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEETSTREAM_")}
+    if env_secret is not None:
+        env["MEETSTREAM_AUTH_SECRET"] = env_secret
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "meetstream-gateway: auth_secret has no secret in it (only commas or spaces): "
+        "set one, or leave it empty to disable auth"
+    ]
