@@ -3,6 +3,14 @@
 Context goes in ``extra``: ``log.info("bot ready", extra={"bot_id": b})``; every
 extra key becomes a field. :class:`RateLimiter` keeps a flood of bad frames
 from turning into a flood of log lines.
+
+A record is always one line of printable UTF-8, whatever a client put into it
+(a request path, a bot's text): every character ``str.isprintable`` refuses is
+written as a JSON ``\\uXXXX`` escape. That covers C0 and C1 controls and DEL
+(terminal escapes), the line breaks some readers split on besides ``\\n``
+(U+0085, U+2028, U+2029, which ``json.dumps(ensure_ascii=False)`` leaves raw),
+lone surrogates (not encodable: a strict stream raised, a lenient one wrote
+garbage) and bidi overrides that make a line read other than it is.
 """
 
 from __future__ import annotations
@@ -32,20 +40,37 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return out
 
 
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code > 0xFFFF:  # as JSON writes it: a UTF-16 pair
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return f"\\u{code:04x}"
+
+
+def _printable(text: str) -> str:
+    """JSON text with every unprintable character escaped: still the same JSON (such
+    characters can only be inside its strings), now one printable line."""
+    if text.isprintable():  # nearly always: one pass in C
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _token(text: str) -> str:
+    """A key or value of a key=value line: bare if it is one plain token, else a JSON string."""
+    if text and text.isprintable() and " " not in text and '"' not in text and "=" not in text:
+        return text
+    return _printable(json.dumps(text, ensure_ascii=False))
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(_fields(record), default=str, ensure_ascii=False)
+        return _printable(json.dumps(_fields(record), default=str, ensure_ascii=False))
 
 
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        parts = []
-        for key, value in _fields(record).items():
-            text = str(value)
-            if not text or any(c in text for c in ' "=\n'):
-                text = json.dumps(text, ensure_ascii=False)
-            parts.append(f"{key}={text}")
-        return " ".join(parts)
+        return " ".join(f"{_token(str(key))}={_token(str(value))}" for key, value in _fields(record).items())
 
 
 _TOKEN_RE = re.compile(r"((?:[?&]|\b)token=)[^&\s\"']+|(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
