@@ -64,7 +64,8 @@ async def measure(
         metrics_host="127.0.0.1",
         metrics_port=free_port(),
         redis_url=redis_url,
-        max_frames_per_s=1_000_000,  # the limiter is measured, not tripped
+        max_frames_per_s=1_000_000,  # the limiters are measured, not tripped
+        bot_max_bytes_per_s=1 << 30,
         audio_maxlen=1000,
         log_level="warning",
     )

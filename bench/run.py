@@ -309,8 +309,8 @@ def run_phase(
     ping = [] if ph.ping_s is None else [str(ph.ping_s), str(ph.ping_s)]
     if ph.target == "gateway":
         flags = ["--audio-maxlen", str(cfg.audio_maxlen), *cfg.gateway_args]
-        if ph.mode == "flood":  # the per-connection rate limit would measure itself, not the pipeline
-            flags += ["--max-frames-per-s", "1000000"]
+        if ph.mode == "flood":  # the per-bot limits would measure themselves, not the pipeline
+            flags += ["--max-frames-per-s", "1000000", "--bot-max-bytes-per-s", str(1 << 30)]
         if ping:
             flags += ["--ws-ping-interval-s", ping[0], "--ws-ping-timeout-s", ping[1]]
         proc: Any = GatewayProcess(server.url, *flags).start()

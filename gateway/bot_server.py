@@ -25,6 +25,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, InvalidState
 from websockets.http11 import Request, Response
 
+from gateway.admission import Admission
 from gateway.auth import AuthError, Claims, check_bot, redact_query, split_secrets, token_from_request, verify
 from gateway.command_reader import Ack, CommandReader, Entry
 from gateway.commands import Command, command_label, entry_time_ms, parse_command
@@ -63,6 +64,7 @@ KEEPALIVE_TICKS = 10  # keepalive checks per ping interval: how finely pings are
 KEEPALIVE_SLICES = 10  # each check of all connections is spread over this many loop turns
 MAX_PAUSE_S = 1.0  # longest backpressure pause; then at least as long reading
 CLOSE_FORBIDDEN = 4403
+CLOSE_POLICY_VIOLATION = 1008
 CLOSE_IDLE = 4410
 CLOSE_TOO_SLOW = 4429
 
@@ -75,6 +77,7 @@ _CLOSE_CODE_REASONS = {
     CLOSE_TRY_AGAIN: "error",
     CLOSE_IDLE: "idle",
     CLOSE_TOO_SLOW: "too_slow",
+    CLOSE_POLICY_VIOLATION: "policy_violation",
 }
 
 _CLOSE_REASON_TEXT = {
@@ -155,6 +158,7 @@ class BotServer:
         self._background: set[asyncio.Task[Any]] = set()
         self._secrets = split_secrets(settings.auth_secret)
         self._claims: weakref.WeakKeyDictionary[ServerConnection, Claims] = weakref.WeakKeyDictionary()
+        self.admission = Admission(settings, self._clock)
         self.open_connections = 0
 
     # -- HTTP, before the upgrade ---------------------------------------------
@@ -175,11 +179,15 @@ class BotServer:
             return self._refuse(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "draining", path)
         if self.open_connections >= self.settings.max_connections:
             return self._refuse(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "over_capacity", path)
+        if self.shedder.overloaded:
+            # Out of CPU: the bots here come first; a new one goes to a replica with room.
+            return self._refuse(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "overloaded", path)
         try:
             route = parse_path(request.path)
         except BadRoute as exc:
             status = http.HTTPStatus.BAD_REQUEST if exc.reason == "bad_bot_id" else http.HTTPStatus.NOT_FOUND
             return self._refuse(connection, status, "bad_path", path, exc.detail)
+        bot_id, slot = route.bot_id, route.bot_id
         if self._secrets:
             try:
                 token = token_from_request(request.path, request.headers.get("Authorization"))
@@ -188,7 +196,29 @@ class BotServer:
             except AuthError as exc:
                 return self._refuse(connection, http.HTTPStatus(exc.status), exc.reason, path, exc.detail)
             self._claims[connection] = claims
+            bot_id = bot_id or claims.bot
+            slot = bot_id or self.admission.token_key(token)
+        if slot is not None:
+            refused = self.admission.admit_connection(slot, bot_id)
+            if refused is not None:
+                return self._refuse(connection, http.HTTPStatus.TOO_MANY_REQUESTS, refused, path)
+        if isinstance(connection, BotWebSocket):
+            self._arm(connection, route.channel, slot)
+        elif slot is not None:
+            self.admission.release(slot)
         return None
+
+    def _arm(self, ws: BotWebSocket, channel: str, slot: str | None) -> None:
+        """Bounds that hold from the first byte after the upgrade, before any handler runs."""
+        ws.budget = self.admission.unbound_budget()
+        ws.text_max = (
+            self.settings.control_max_message_bytes
+            if channel == "control"
+            else self.settings.audio_text_max_bytes
+        )
+        ws.write_buffer_max = self.settings.ws_write_buffer_max_bytes
+        if slot is not None:
+            ws.release = functools.partial(self.admission.release, slot)
 
     def _refuse(
         self, connection: ServerConnection, status: http.HTTPStatus, reason: str, path: str, detail: str = ""
@@ -212,6 +242,11 @@ class BotServer:
         self.metrics.connections_opened.labels(channel).inc()
         self.open_connections += 1
         conn.last_rx = self._clock()
+        conn.handshake_deadline = asyncio.get_running_loop().time() + self.settings.handshake_timeout_s
+        if isinstance(ws, BotWebSocket):
+            ws.on_refused = functools.partial(self._refused, conn)
+            ws.on_write_overflow = functools.partial(self._write_overflow, conn)
+            ws.on_failure = functools.partial(self._fail, conn, "receive")
         close_reason = "bot_left"
         if self.settings.idle_timeout_s > 0:
             self._idle_watchdog(conn)
@@ -253,6 +288,16 @@ class BotServer:
         if claims is not None and claims.bot is not None and claims.bot != bot_id:
             # A bare path: the token's bot could only be checked once the handshake named one.
             raise _CloseWith(CLOSE_FORBIDDEN, "wrong_bot", "token is bound to another bot")
+        ws = conn.ws
+        if isinstance(ws, BotWebSocket):
+            if ws.release is None:
+                # A bare path with no bot in its token: its slot is the bot's, from now on.
+                refused = self.admission.admit_connection(bot_id, bot_id)
+                if refused is not None:
+                    raise _CloseWith(CLOSE_POLICY_VIOLATION, "policy_violation", "too many connections")
+                ws.release = functools.partial(self.admission.release, bot_id)
+            # From now on what it sends counts against its bot, whatever connection it uses.
+            ws.budget = self.admission.budget(bot_id, conn.channel)
         keys = self.keyspace.bot(bot_id)
         conn.bot_id = bot_id
         _session, created, replaced = self.registry.attach(keys, conn)
@@ -331,22 +376,44 @@ class BotServer:
 
         conn.watchdog = loop.call_later(idle_s / 2, check)
 
-    def _over_rate(self, conn: BotConnection, now: float) -> bool:
-        """A token bucket per connection holding ``rate_burst_s`` seconds of messages.
+    def _refused(self, conn: BotConnection, reason: str, data_frame: bool) -> None:
+        """A message over the bot's rate, bytes or size: dropped by the socket before any
+        work. One that keeps going after a whole burst was dropped is closed (1008).
 
-        The burst matters: after backpressure, a network hiccup, or a Redis that
-        fell behind, a healthy bot's frames arrive in a catch-up burst, and that
-        is not abuse. With 2 s, 1,000 bots x 20 ms on a saturated machine lost
-        5% of their audio this way (their backlog sat in TCP buffers for >10 s).
+        The burst matters: after backpressure, a network hiccup, or a Redis that fell
+        behind, a healthy bot's frames arrive in a catch-up burst, and that is not
+        abuse (with 2 s of burst, 1,000 bots x 20 ms on a saturated machine lost 5%
+        of their audio this way).
         """
-        rate = self.settings.max_frames_per_s
-        tokens = min(rate * self.settings.rate_burst_s, conn.tokens + (now - conn.tokens_at) * rate)
-        conn.tokens_at = now
-        if tokens < 1.0:
-            conn.tokens = tokens
-            return True
-        conn.tokens = tokens - 1.0
-        return False
+        if data_frame and conn.frames is not None:
+            conn.seq += 1  # a frame dropped by policy still takes a seq: workers see the gap
+        self._drop(conn, reason)
+        ws = conn.ws
+        budget = getattr(ws, "budget", None)
+        if budget is not None and budget.violating and isinstance(ws, BotWebSocket) and not ws.discard:
+            log.warning(
+                "bot keeps sending over its limits, closing",
+                extra={"bot_id": conn.bot_id, "channel": conn.channel, "reason": reason},
+            )
+            conn.close_reason = "policy_violation"
+            ws.fail_now(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
+
+    def _write_overflow(self, conn: BotConnection) -> None:
+        """We hold more unread output for this peer than allowed (pongs to a ping flood it
+        never reads): drop the connection rather than grow without bound."""
+        ws = conn.ws
+        if isinstance(ws, BotWebSocket) and not ws.discard:
+            log.warning(
+                "bot does not read what we send, closing",
+                extra={
+                    "bot_id": conn.bot_id,
+                    "channel": conn.channel,
+                    "buffered": ws.transport.get_write_buffer_size(),
+                },
+            )
+            conn.close_reason = "write_buffer_full"
+            ws.discard = True
+            ws.transport.abort()
 
     def _drop(self, conn: BotConnection, reason: str, detail: str = "") -> None:
         self.metrics.dropped.labels(reason).inc()
@@ -373,7 +440,8 @@ class BotServer:
     async def _recv_handshake(self, conn: BotConnection) -> str | bytes:
         """Receive within the handshake timeout; a bot that stays silent is closed."""
         try:
-            async with asyncio.timeout(self.settings.handshake_timeout_s):
+            # One deadline from the upgrade: a byte now and then does not hold a slot forever.
+            async with asyncio.timeout_at(conn.handshake_deadline):
                 return await conn.ws.recv()
         except TimeoutError:
             raise _CloseWith(CLOSE_HANDSHAKE_TIMEOUT, "handshake_timeout", "handshake timeout") from None
@@ -408,11 +476,7 @@ class BotServer:
         A frame dropped by policy (rate, overload) still takes a seq number, so
         workers see the gap.
         """
-        now = conn.last_rx = self._clock()
-        if self._over_rate(conn, now):
-            self._drop(conn, "rate_limited")
-            conn.seq += isinstance(message, bytes)
-            return
+        conn.last_rx = self._clock()
         if isinstance(message, bytes):
             ratio = self.shedder.ratio
             if ratio:
@@ -496,14 +560,12 @@ class BotServer:
         keys = self.keyspace.bot(conn.bot_id)  # type: ignore[arg-type]
         clock = self._clock
         async for message in ws:
-            now = conn.last_rx = clock()
-            if self._over_rate(conn, now):
-                self._drop(conn, "rate_limited")
-                continue
+            # Rate, bytes and (unfragmented) size were checked by the socket (_arm, _refused).
+            conn.last_rx = clock()
             if isinstance(message, bytes):
                 self._drop(conn, "binary_on_control")
                 continue
-            if len(message) > self.settings.control_max_message_bytes:
+            if len(message) > self.settings.control_max_message_bytes:  # a fragmented one
                 self._drop(conn, "too_large", f"{len(message)} characters")
                 continue
             self.metrics.messages_received.labels("control").inc()
@@ -803,6 +865,9 @@ class BotServer:
                             self._send_commands(conn, keys), name=f"send-{keys.bot_id}"
                         )
                     await self.reader.add(keys)
+                # The command stream may have been made just now (by its group): its expiry,
+                # set when the bot connected, only applies from now on.
+                self.publisher.expire((keys.commands,), self.settings.key_ttl_s)
                 return
             except (RedisError, OSError) as exc:
                 log.warning(

@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover
 
 from gateway.commands import Command
 from gateway.keys import BotKeys
+from gateway.limits import Budget
 from gateway.playback import PlaybackConfig, PlaybackScheduler
 from gateway.protocol import Channel
 from gateway.resp import FrameEncoder
@@ -70,12 +71,41 @@ class BotWebSocket(ServerConnection):
 
     on_binary: Callable[[bytes], None] | None = None
     pong_at: float = 0.0  # when a pong last came (time.monotonic): the keepalive's evidence
+    # What this connection may still send (its bot's shared buckets once bound); a data
+    # frame or ping over it is dropped here, before it is unmasked, parsed or answered.
+    budget: Budget | None = None
+    #: Told of each refusal: (reason, whether it was an audio data frame). It may set ``discard``.
+    on_refused: Callable[[str, bool], None] | None = None
+    #: Told when we hold more unread output for the peer than ``write_buffer_max``.
+    on_write_overflow: Callable[[], None] | None = None
+    write_buffer_max = 0  # bytes; 0: unchecked
+    text_max = 0  # longest text message accepted (bytes); 0: unchecked
+    discard = False  # closing for abuse: whatever else arrives is dropped unread
+    release: Callable[[], None] | None = None  # gives back this connection's per-bot slot, once
+    on_failure: Callable[[Exception], None] | None = None  # counts and logs a failure in on_binary
     _framing = False  # we split frames: websockets' parser only ever gets whole ones
     _held: bytearray | None = None  # the start of a frame not complete yet
     _passing = 0  # bytes left of a frame too large to hold, going to websockets as they come
     _max_payload = 0
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Every accepted TCP connection ends here exactly once, whether or not its
+        # handler ever ran (a failed upgrade): the one place a slot cannot leak.
+        release, self.release = self.release, None
+        if release is not None:
+            release()
+        super().connection_lost(exc)
+
     def data_received(self, data: bytes) -> None:
+        if self.discard:
+            return
+        self._data_received(data)
+        limit = self.write_buffer_max
+        if limit and self.on_write_overflow is not None and self.transport.get_write_buffer_size() > limit:
+            # Pongs (and anything else we owe) pile up for a peer that does not read.
+            self.on_write_overflow()
+
+    def _data_received(self, data: bytes) -> None:
         if not self._framing:
             if self.on_binary is None or not self._parser_idle():
                 super().data_received(data)
@@ -151,6 +181,7 @@ class BotWebSocket(ServerConnection):
         # this runs (a close from another task happens after it), so it is checked
         # again after each frame handed to it, not for every frame.
         bypass = protocol.state is OPEN and not len(queued)
+        budget = self.budget
         end = len(data)
         while pos < end:
             span = scan_frame(data, pos)
@@ -168,12 +199,19 @@ class BotWebSocket(ServerConnection):
                 and span.size - span.head <= max_payload
                 and protocol.current_size is None  # not inside a fragmented message
             ):
+                if budget is not None and (refused := budget.admit(time.monotonic(), nxt - pos - span.head)):
+                    self._refuse(refused, True)
+                    if self.discard:
+                        return
+                    pos = nxt
+                    continue
                 mask_at = pos + span.head - 4
                 payload = apply_mask(data[mask_at + 4 : nxt], data[mask_at : mask_at + 4])
                 try:
                     on_binary(payload)  # type: ignore[misc]
-                except Exception:
-                    log.exception("audio frame handler failed")
+                except Exception as exc:
+                    self._failed(exc)
+                    return
             else:
                 # A whole frame: websockets is between frames again afterwards.
                 super().data_received(data[pos:nxt] if pos or nxt < end else data)
@@ -228,7 +266,32 @@ class BotWebSocket(ServerConnection):
         self.protocol.send_text(text)
         self.send_data()
 
+    def _refuse(self, reason: str, data_frame: bool) -> None:
+        if self.on_refused is not None:
+            self.on_refused(reason, data_frame)
+
     def process_event(self, event: Event) -> None:
+        if self.discard:
+            return
+        if isinstance(event, Frame):
+            opcode = event.opcode
+            if opcode is Opcode.PONG:
+                self.pong_at = time.monotonic()
+            elif opcode is not Opcode.CLOSE and (budget := self.budget) is not None:
+                # Pings count too (a ping flood costs us a pong each). Only whole messages
+                # can be dropped; a fragment's cost is counted, never cut out of its message.
+                refused = budget.admit(time.monotonic(), len(event.data))
+                if (
+                    refused is None
+                    and opcode is Opcode.TEXT
+                    and self.text_max
+                    and len(event.data) > self.text_max
+                ):
+                    refused = "too_large"
+                if refused is not None:
+                    self._refuse(refused, opcode is Opcode.BINARY)
+                    if self.discard or (event.fin and opcode is not Opcode.CONT):
+                        return
         on_binary = self.on_binary
         if (
             on_binary is not None
@@ -239,12 +302,39 @@ class BotWebSocket(ServerConnection):
         ):
             try:
                 on_binary(bytes(event.data))
-            except Exception:
-                log.exception("audio frame handler failed")
+            except Exception as exc:
+                self._failed(exc)
             return
-        if isinstance(event, Frame) and event.opcode is Opcode.PONG:
-            self.pong_at = time.monotonic()
         super().process_event(event)
+
+    def _failed(self, exc: Exception) -> None:
+        """A bug of ours in the audio path: one traceback, then this connection is closed
+        (1011) rather than log the same failure for every frame that follows."""
+        if self.on_failure is not None:
+            self.on_failure(exc)
+        else:
+            log.error("audio frame handler failed", exc_info=exc)
+        self.fail_now(1011, "internal error")
+
+    def fail_now(self, code: int, reason: str) -> None:
+        """Close at once, for abuse: a close frame if it can go out, then the TCP connection.
+
+        Nothing more is read or parsed from this peer (``discard``): a flood stops
+        costing us the moment it is recognised as one.
+        """
+        self.discard = True
+        with contextlib.suppress(Exception):
+            if self.protocol.state is OPEN:
+                self.protocol.fail(code, reason)
+                self.send_data()
+        transport = self.transport
+        if transport.get_write_buffer_size() > MAX_HELD_FRAME:
+            transport.abort()  # it does not read: the close frame would never get through
+            return
+        # Not closed from here: a socket closed with unread input sends a reset, which
+        # can destroy the close frame on its way. Input is read and dropped until the
+        # peer closes, or for the close timeout at most.
+        self.loop.call_later(self.close_timeout or 0, transport.abort)
 
 
 class Outbox:
@@ -329,8 +419,7 @@ class BotConnection:
     last_rx: float = 0.0
     watchdog: asyncio.TimerHandle | None = None
     ping_at: float | None = None  # when the keepalive pinged, until something comes back
-    tokens: float = float("inf")  # rate limit bucket (starts full; capped on first use)
-    tokens_at: float = 0.0
+    handshake_deadline: float = 0.0  # loop time by which the bot must have said who it is
     shed_acc: float = 0.0  # overload shedding: drop a frame each time this passes 1
     # Audio channel: where frames go, and their counter on this connection.
     audio_keys: BotKeys | None = None

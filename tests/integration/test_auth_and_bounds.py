@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -105,7 +106,8 @@ async def test_rate_limit_drops_the_excess_and_counts_it(redis_url, redis_client
         bot = SimulatedBot(ws_url(gw), "bot_flood")
         await bot.connect_audio()
         frame = AudioFrame("s", "Ada", b"\x00\x00" * 48)
-        for _ in range(100):
+        # Less than a second burst over: dropped and counted, the connection stays.
+        for _ in range(70):
             await bot.send_frame(frame)
         keys = gw.keyspace.bot("bot_flood")
         dropped = await eventually(
@@ -116,9 +118,59 @@ async def test_rate_limit_drops_the_excess_and_counts_it(redis_url, redis_client
         await gw.publisher.flush(5)
         stored = await redis_client.xlen(keys.audio)
         # Every frame is either stored or counted as dropped (the handshake came first and passed).
-        assert stored + dropped == 100
-        assert 35 <= stored <= 60  # a 2 s burst (40) plus what refilled while sending
+        assert stored + dropped == 70
+        assert 35 <= stored <= 50  # a 2 s burst (40) plus what refilled while sending
+        assert bot.audio is not None and bot.audio.close_code is None
+        # Dropped frames still take a seq: the next frame that passes shows the gap.
+        await asyncio.sleep(0.2)
+        await bot.send_frame(frame)
+        await gw.publisher.flush(5)
+        await eventually(lambda: _xlen_is(redis_client, keys.audio, stored + 1))
+        (_, last), *_ = await redis_client.xrevrange(keys.audio, count=1)
+        assert int(last[b"seq"]) == 70
         await bot.close()
+
+
+async def _xlen_is(client, key, n):
+    return await client.xlen(key) == n
+
+
+async def test_a_bot_that_keeps_flooding_is_closed_and_reconnecting_refills_nothing(redis_url, redis_client):
+    """Past a whole burst dropped it is abuse, not a catch-up: closed 1008. The limit
+    belongs to the bot_id: a new connection starts with the same empty bucket."""
+    async with running_gateway(redis_url, max_frames_per_s=20, rate_burst_s=2.0) as gw:
+        bot = SimulatedBot(ws_url(gw), "bot_flood")
+        await bot.connect_audio()
+        frame = AudioFrame("s", "Ada", b"\x00\x00" * 48)
+        with contextlib.suppress(ConnectionClosed):
+            for _ in range(500):
+                await bot.send_frame(frame)
+                await asyncio.sleep(0)
+        assert bot.audio is not None
+        await eventually(lambda: bot.audio.close_code is not None)
+        assert bot.audio.close_code == 1008
+        await eventually(
+            lambda: (
+                gw.metrics.registry.get_sample_value(
+                    "meetstream_gateway_connections_closed_total",
+                    {"channel": "audio", "reason": "policy_violation"},
+                )
+                == 1
+            )
+        )
+        keys = gw.keyspace.bot("bot_flood")
+        await gw.publisher.flush(5)
+        before = await redis_client.xlen(keys.audio)
+        assert 35 <= before <= 50
+        # Reconnect at once and flood again: at most what refilled meanwhile gets through.
+        again = SimulatedBot(ws_url(gw), "bot_flood")
+        await again.connect_audio()
+        with contextlib.suppress(ConnectionClosed):
+            for _ in range(30):
+                await again.send_frame(frame)
+        await gw.publisher.flush(5)
+        assert await redis_client.xlen(keys.audio) - before <= 10
+        await again.close()
 
 
 async def test_a_catch_up_after_a_stall_is_not_taken_for_abuse(redis_url, redis_client):

@@ -64,7 +64,11 @@ async def test_flood_meets_tcp_backpressure_not_loss(redis_url, redis_client):
     audio sockets stop being read until Redis catches up. The sender is slowed down
     by TCP, and every frame it managed to send is stored: none is dropped."""
     async with running_gateway(
-        redis_url, publish_backpressure_bytes=64 * 1024, max_frames_per_s=1_000_000, audio_maxlen=100_000
+        redis_url,
+        publish_backpressure_bytes=64 * 1024,
+        max_frames_per_s=1_000_000,
+        bot_max_bytes_per_s=1 << 30,
+        audio_maxlen=100_000,
     ) as gw:
         bot = SimulatedBot(ws_url(gw), "bot_flood", record_sent=False)
         await bot.connect_audio()

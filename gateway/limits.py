@@ -1,0 +1,118 @@
+"""Rate and byte budgets that belong to a bot, not to one of its connections (pure; no I/O).
+
+A limit kept per connection is refilled by reconnecting: one bot_id that
+reconnected in a loop got 171,133 frames/s accepted against a limit of 250/s.
+So buckets are kept per bot_id (and channel) in a :class:`BucketTable` that
+outlives connections, bounded in size: when it is full, buckets that have
+refilled completely are forgotten first (forgetting them gives nothing away),
+and only then the least recently used.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+
+class TokenBucket:
+    """``rate`` units a second, up to ``burst`` at once; :meth:`take` says whether there is room.
+
+    Also counts what it refused since the last time it had room to spare, so that a
+    sender that keeps going over (a whole burst refused) can be told apart from a
+    healthy catch-up, which stops.
+    """
+
+    __slots__ = ("at", "burst", "rate", "refused", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.at = now
+        self.refused = 0.0  # units refused in a row (reset once a take succeeds with room left)
+
+    def take(self, now: float, amount: float = 1.0) -> bool:
+        tokens = self.tokens + (now - self.at) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
+        self.at = now
+        if tokens >= amount:
+            self.tokens = tokens - amount
+            if self.tokens >= amount:
+                self.refused = 0.0
+            return True
+        self.tokens = tokens
+        self.refused += amount
+        return False
+
+    def full(self, now: float) -> bool:
+        return self.tokens + (now - self.at) * self.rate >= self.burst
+
+    @property
+    def violating(self) -> bool:
+        """Refused a whole burst's worth in a row: not a catch-up any more, abuse."""
+        return self.refused >= self.burst
+
+
+class Budget:
+    """What one connection may still send: its bot's message rate and its bot's bytes.
+
+    Shared by every connection of the bot on this channel (the message rate) or on
+    both (the bytes), so reconnecting refills nothing.
+    """
+
+    __slots__ = ("bytes", "messages")
+
+    def __init__(self, messages: TokenBucket, bytes_: TokenBucket) -> None:
+        self.messages = messages
+        self.bytes = bytes_
+
+    def admit(self, now: float, size: int) -> str | None:
+        """None if a message of ``size`` bytes may pass, else why not (a drop reason)."""
+        if not self.messages.take(now):
+            return "rate_limited"
+        if size and not self.bytes.take(now, size):
+            return "bot_budget"
+        return None
+
+    @property
+    def violating(self) -> bool:
+        return self.messages.violating or self.bytes.violating
+
+
+class BucketTable:
+    """Token buckets by key (``bot_id``, ``bot_id:channel``...), at most ``max_keys`` of them."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max(1, max_keys)
+        self._clock = clock
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self.evicted = 0  # buckets forgotten before they had refilled (the table was too small)
+
+    def get(self, key: str) -> TokenBucket:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_keys:
+                self._make_room()
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, self._clock())
+        else:
+            self._buckets.move_to_end(key)
+        return bucket
+
+    def take(self, key: str, amount: float = 1.0) -> bool:
+        return self.get(key).take(self._clock(), amount)
+
+    def _make_room(self) -> None:
+        now = self._clock()
+        # Oldest first; a bucket that is full again holds nothing worth keeping.
+        for key in list(self._buckets)[: max(1, len(self._buckets) // 4)]:
+            if self._buckets[key].full(now):
+                del self._buckets[key]
+        if len(self._buckets) >= self.max_keys:
+            self._buckets.popitem(last=False)
+            self.evicted += 1
+
+    def __len__(self) -> int:
+        return len(self._buckets)
