@@ -40,7 +40,7 @@ from gateway.protocol import (
     Route,
     handshake_bot_id,
     is_legacy_chunk,
-    parse_json_object,
+    parse_json_message,
     parse_legacy_chunk,
     parse_path,
 )
@@ -159,6 +159,7 @@ class BotServer:
         self._secrets = split_secrets(settings.auth_secret)
         self._claims: weakref.WeakKeyDictionary[ServerConnection, Claims] = weakref.WeakKeyDictionary()
         self.admission = Admission(settings, self._clock)
+        self.held_bytes = 0  # commands and audio held for all bots (Outbox.reported_bytes summed)
         self.open_connections = 0
 
     # -- HTTP, before the upgrade ---------------------------------------------
@@ -497,7 +498,12 @@ class BotServer:
             if frame is None:
                 return
             size = len(frame.pcm)
-            self.publisher.audio(conn.audio_keys, frame, conn.seq, conn.conn_b)  # type: ignore[arg-type]
+            trim = conn.frames.trim if conn.frames is not None else None
+            try:
+                self.publisher.audio(conn.audio_keys, frame, conn.seq, conn.conn_b, trim)  # type: ignore[arg-type]
+            except FrameError as exc:
+                self._drop(conn, exc.reason, exc.detail)
+                return
         audio_in = self._audio_in
         audio_in.frames += 1
         audio_in.bytes += size
@@ -507,7 +513,8 @@ class BotServer:
         """A text frame on the audio channel: the handshake, a legacy PCMChunk, or a message."""
         self.metrics.messages_received.labels("audio").inc()
         try:
-            obj = parse_json_object(text)
+            # Published as the bot sent it when strict JSON, re-serialised strictly if not.
+            obj, text = parse_json_message(text)
         except MessageError as exc:
             self._drop(conn, exc.reason)
             return None
@@ -539,7 +546,7 @@ class BotServer:
                 continue
             self.metrics.messages_received.labels("control").inc()
             try:
-                obj = parse_json_object(message)
+                obj, message = parse_json_message(message)
             except MessageError as exc:
                 self._drop(conn, exc.reason)
                 continue
@@ -552,7 +559,10 @@ class BotServer:
             keys = self._settle_handshake(conn, obj, route)
             bot_id = keys.bot_id
             conn.outbox = Outbox(
-                self.settings.outbox_max_commands, bot_id, PlaybackConfig.from_settings(self.settings)
+                self.settings.outbox_max_commands,
+                bot_id,
+                PlaybackConfig.from_settings(self.settings),
+                limit_bytes=self.settings.outbox_max_bytes,
             )
             self.publisher.event(keys, "ready", "control", data=message, conn=conn.conn_id)
             await self._start_delivery(conn, keys)
@@ -570,7 +580,7 @@ class BotServer:
                 continue
             self.metrics.messages_received.labels("control").inc()
             try:
-                parse_json_object(message)
+                _, message = parse_json_message(message)
             except MessageError as exc:
                 self._drop(conn, exc.reason)
                 continue
@@ -594,8 +604,16 @@ class BotServer:
             # An interrupt among the entries has dropped audio: say so now, not at the next send.
             self._playback_report(keys, outbox)
             if outbox.full:
-                self.metrics.playback_bound_hits.labels("commands").inc()
+                self.metrics.playback_bound_hits.labels(
+                    "commands" if outbox.scheduler.command_bytes < outbox.limit_bytes else "command_bytes"
+                ).inc()
                 self.reader.pause(bot_id)
+            elif self.held_bytes > self.settings.commands_max_held_bytes:
+                # All bots together hold too much: this one, adding more, waits (unread
+                # entries stay in Redis) until the process has room again.
+                self.metrics.playback_bound_hits.labels("process_bytes").inc()
+                self.reader.pause(bot_id)
+                self._resume_when_room(bot_id)
         except Exception as exc:
             # Not one entry's fault (those are rejected in _accept): this bot's state is
             # unknown now. Close it; what was not acked is delivered on its next connection.
@@ -653,6 +671,22 @@ class BotServer:
         if conn.close_reason is None or conn.close_reason == "error":
             conn.close_reason = reason
         self._spawn(self._close(conn.ws, code, text))
+
+    def _resume_when_room(self, bot_id: str) -> None:
+        """Resume a bot paused for the process's sake once the process holds half its bound."""
+
+        def check() -> None:
+            session = self.registry.get(bot_id)
+            if session is None or session.control is None or session.control.outbox is None:
+                return  # gone: its next connection starts afresh
+            outbox = session.control.outbox
+            if self.held_bytes <= self.settings.commands_max_held_bytes // 2 and not outbox.full:
+                self._spawn(self.reader.resume(bot_id))
+            else:
+                loop.call_later(0.2, check)
+
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, check)
 
     def _ack_elsewhere(self, acks: list[Ack]) -> None:
         """Acks the reader could not send with its next read go with the publisher's writes."""
@@ -745,6 +779,9 @@ class BotServer:
                 self._fail(conn, "send", exc)
             metrics.playback_audio_held.dec(outbox.reported_held_s)
             outbox.reported_held_s = 0.0
+            self.held_bytes -= outbox.reported_bytes
+            outbox.reported_bytes = 0
+            metrics.commands_held_bytes.set(self.held_bytes)
 
     def _encode_out(self, keys: BotKeys, out: Outgoing) -> bytes | None:
         """The message as UTF-8, or None when it cannot be (rejected and acked instead:
@@ -842,6 +879,11 @@ class BotServer:
             if counts["underruns"]:
                 self.metrics.playback_underruns.inc(counts["underruns"])
             counts.clear()
+        held_bytes = scheduler.held_bytes
+        if held_bytes != outbox.reported_bytes:
+            self.held_bytes += held_bytes - outbox.reported_bytes
+            outbox.reported_bytes = held_bytes
+            self.metrics.commands_held_bytes.set(self.held_bytes)
         held_s = scheduler.held_samples / BOT_SAMPLE_RATE
         if held_s != outbox.reported_held_s:
             self.metrics.playback_audio_held.inc(held_s - outbox.reported_held_s)

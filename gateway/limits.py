@@ -10,7 +10,7 @@ and only then the least recently used.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 
@@ -116,3 +116,72 @@ class BucketTable:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class StreamTrim:
+    """Keeps one writer's stream within ``max_bytes`` although Redis caps streams by count.
+
+    A stream is written with ``MAXLEN ~ maxlen``. Entries up to ``max_bytes / maxlen``
+    (the *share*) can never add up to more than ``max_bytes``, and nearly all are that
+    small (a 100 ms frame is 9.6 kB of a 28 kB share), so they cost a comparison.
+    Larger ones are remembered, with their position, for as long as the cap keeps
+    them; when the newest ``maxlen`` entries could exceed ``max_bytes`` (counting every
+    small one at a full share), :meth:`note` returns the smaller MAXLEN that keeps
+    only what fits. Redis applies MAXLEN to the whole stream, newest first, so the
+    bound holds across reconnects too: the entries kept are the newest, ours.
+
+    The hot path inlines :meth:`note`: ``trim.n += 1``, then :meth:`check` only if
+    ``size > trim.share or trim.big``.
+    """
+
+    __slots__ = ("big", "big_sum", "max_bytes", "maxlen", "n", "share")
+
+    def __init__(self, maxlen: int, max_bytes: int) -> None:
+        self.maxlen = maxlen
+        self.max_bytes = max_bytes
+        self.share = max(1, max_bytes // maxlen)
+        self.n = 0  # entries written
+        self.big: deque[tuple[int, int]] = deque()  # (entry number, size), oldest first
+        self.big_sum = 0
+
+    def note(self, size: int) -> int | None:
+        """Count one more entry of ``size`` bytes; the MAXLEN to write it with, if not
+        the stream's usual one (None)."""
+        self.n += 1
+        if size > self.share or self.big:
+            return self.check(size)
+        return None
+
+    def check(self, size: int) -> int | None:
+        """:meth:`note` after ``n`` was counted."""
+        n, big = self.n, self.big
+        if size > self.share:
+            big.append((n, size))
+            self.big_sum += size
+        while big and big[0][0] <= n - self.maxlen:  # trimmed by count already
+            self.big_sum -= big.popleft()[1]
+        live = min(n, self.maxlen)
+        if self.big_sum + (live - len(big)) * self.share <= self.max_bytes:
+            return None
+        # Keep the newest entries while they fit; every small one counts a full share.
+        budget, share = self.max_bytes, self.share
+        total = keep = 0
+        newer = n + 1
+        for index, entry_size in reversed(big):
+            smalls = newer - index - 1
+            if total + smalls * share > budget:
+                keep += (budget - total) // share
+                break
+            total += smalls * share
+            keep += smalls
+            if total + entry_size > budget:
+                break
+            total += entry_size
+            keep += 1
+            newer = index
+        else:
+            keep += min(live - keep, (budget - total) // share)
+        keep = max(1, keep)
+        while big and big[0][0] <= n - keep:
+            self.big_sum -= big.popleft()[1]
+        return keep

@@ -78,7 +78,7 @@ REFUSE_REASONS = (
 FAILURE_STAGES = ("receive", "deliver", "send", "unbind")
 
 #: Per-bot playback buffers whose bound can be hit (see gateway.playback).
-PLAYBACK_BOUNDS = ("held_seconds", "entries", "commands")
+PLAYBACK_BOUNDS = ("held_seconds", "entries", "commands", "command_bytes", "process_bytes")
 PLAYBACK_END_REASONS = ("finished", "interrupt", "disconnected")
 _LATENESS_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
@@ -140,7 +140,9 @@ class Metrics:
             registry=r,
         )
         self.bytes_published = Counter(
-            f"{NS}_audio_published_bytes_total", "Audio PCM bytes written to Redis", registry=r
+            f"{NS}_audio_published_bytes_total",
+            "Audio written to Redis, in bytes of whole XADD commands (PCM, speaker, fields)",
+            registry=r,
         )
         self.dropped = Counter(
             f"{NS}_frames_dropped_total",
@@ -247,6 +249,12 @@ class Metrics:
             "Unexpected errors inside one bot's handling (a bug: logged with a traceback; "
             "the bot is closed with 1011 and its session detached)",
             ["stage"],
+            registry=r,
+        )
+        self.commands_held_bytes = Gauge(
+            f"{NS}_commands_held_bytes",
+            "Commands and audio accepted from workers and not yet sent, all bots (bounded by "
+            "--commands-max-held-bytes: past it, reading pauses for bots that add more)",
             registry=r,
         )
         self.chat_coalesced = Counter(

@@ -140,6 +140,7 @@ class PlaybackScheduler:
         self._lead_s = self.config.lead_ms / 1000
         self._interrupt: Outgoing | None = None
         self._commands: deque[Outgoing] = deque()
+        self.command_bytes = 0  # text of the commands waiting in _commands
         self._utterances: deque[_Utterance] = deque()
         self._play_end = float("-inf")  # when the modelled bot queue runs dry
         self._events: list[PlaybackEvent] = []
@@ -173,9 +174,11 @@ class PlaybackScheduler:
             # Only the tail: superseding anything earlier would reorder the lane.
             if tail is not None and tail.interim and tail.role == out.role:
                 self._commands.pop()
+                self.command_bytes -= len(tail.text)
                 out.acks[:0] = tail.acks
                 self.counts["coalesced"] += 1
         self._commands.append(out)
+        self.command_bytes += len(out.text)
 
     def _add_audio(self, command: Command) -> None:
         samples = command.samples if command.samples is not None else np.zeros(0, np.int16)
@@ -248,6 +251,7 @@ class PlaybackScheduler:
         self._advance(now)
         self._drop_all(now, "disconnected")
         self._commands.clear()
+        self.command_bytes = 0
         self._interrupt = None
 
     # -- output ---------------------------------------------------------------
@@ -266,7 +270,9 @@ class PlaybackScheduler:
             out, self._interrupt = self._interrupt, None
             return out
         if self._commands:
-            return self._commands.popleft()
+            out = self._commands.popleft()
+            self.command_bytes -= len(out.text)
+            return out
         while (due := self._audio_due()) is not None and now >= due - _EPSILON_S:
             out = self._take_chunk(now - max(due, self._audio_since))
             if out is not None:
@@ -307,6 +313,11 @@ class PlaybackScheduler:
     def take_events(self) -> list[PlaybackEvent]:
         events, self._events = self._events, []
         return events
+
+    @property
+    def held_bytes(self) -> int:
+        """What this bot's queue holds in memory, roughly: command text and audio samples."""
+        return self.command_bytes + 2 * self.held_samples
 
     @property
     def pending_commands(self) -> int:

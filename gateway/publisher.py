@@ -34,6 +34,8 @@ from redis.exceptions import RedisError
 
 from gateway.command_reader import ack_args
 from gateway.keys import BotKeys, KeySpace
+from gateway.limits import StreamTrim
+from gateway.logs import RateLimiter
 from gateway.metrics import Metrics
 from gateway.protocol import BOT_SAMPLE_RATE, AudioFrame
 from gateway.redis_conn import REDIRECT_ERRORS, WRITE_SOCKET_TIMEOUT_S, RawConnection, RedisBackend
@@ -49,6 +51,7 @@ MAX_BACKOFF_S = 0.5
 #: Event types that also go to the global lifecycle stream.
 LIFECYCLE = frozenset({"connected", "ready", "audio_handshake", "disconnected", "session_ended"})
 CONTROL_BUFFER_MAX = 100_000
+EVENT_TRIMS_MAX = 100_000  # bots whose event streams are tracked (limits.StreamTrim)
 
 
 @dataclass(slots=True)
@@ -57,7 +60,8 @@ class _Op:
     kind: str  # audio | event | ack | expire
     key: str  # the command's (first) key: routes it on a Cluster
     payload: list[bytes]  # RESP-encoded command
-    size: int
+    size: int  # audio bytes (0 for the rest)
+    held: int = 0  # what a control op counts against the control buffer
 
     def __lt__(self, other: _Op) -> bool:
         return self.seq < other.seq
@@ -69,7 +73,7 @@ class _Flight:
 
     batch: list[_Op]
     settled: asyncio.Future[None]  # done once accounted for; fails if the batch must be sent again
-    size: int  # audio bytes
+    size: int  # bytes held for Redis: audio, and what control ops count (_Op.held)
     started: float  # time.perf_counter() when written
 
 
@@ -97,7 +101,11 @@ class Publisher:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.healthy = True
-        self._audio_encoder = AudioEncoder(settings.audio_maxlen, BOT_SAMPLE_RATE)
+        self._audio_encoder = AudioEncoder(
+            settings.audio_maxlen,
+            BOT_SAMPLE_RATE,
+            speaker_max_bytes=settings.audio_speaker_max_bytes,
+        )
         # Backpressure: past this much unsent audio, audio sockets stop being read.
         self._high_water = min(settings.publish_backpressure_bytes, settings.publish_buffer_bytes // 2)
         self.backlogged = False
@@ -112,18 +120,27 @@ class Publisher:
         self._published_events = metrics.published.labels("event")
         self._maxlen_events = str(settings.events_maxlen).encode()
         self._maxlen_global = str(settings.global_events_maxlen).encode()
+        # Streams are capped by entries; these keep them within bytes too (limits.StreamTrim).
+        self._event_trims: dict[str, StreamTrim] = {}
+        self._global_trim = StreamTrim(settings.global_events_maxlen, settings.global_events_max_bytes)
+        self._control_bytes = 0
+        self._log_limit = RateLimiter(burst=5, interval_s=10.0)
 
     # -- producers (synchronous: never wait on Redis) -----------------------
 
-    def audio(self, keys: BotKeys, frame: AudioFrame, seq: int, conn_id: bytes) -> None:
+    def audio(
+        self, keys: BotKeys, frame: AudioFrame, seq: int, conn_id: bytes, trim: StreamTrim | None = None
+    ) -> None:
+        """Publish a decoded frame (a legacy PCMChunk); raises FrameError for an outsized speaker."""
         payload = self._audio_encoder.encode(
-            keys.audio, frame.speaker_id, frame.speaker_name, frame.pcm, seq, conn_id, now_ms()
+            keys.audio, frame.speaker_id, frame.speaker_name, frame.pcm, seq, conn_id, now_ms(), trim
         )
-        self._queue_audio(keys.audio, payload, len(frame.pcm))
+        self._queue_audio(keys.audio, payload, len(payload[0]) + len(payload[1]) + len(payload[2]))
 
     def frame_encoder(self, keys: BotKeys, conn_id: bytes) -> FrameEncoder:
         """What :meth:`audio_frame` needs to publish one audio connection's binary frames."""
-        return FrameEncoder(self._audio_encoder, keys.audio, conn_id)
+        trim = StreamTrim(self.settings.audio_maxlen, self.settings.audio_stream_max_bytes)
+        return FrameEncoder(self._audio_encoder, keys.audio, conn_id, trim)
 
     def audio_frame(self, encoder: FrameEncoder, data: bytes, seq: int) -> int:
         """Publish a bot's binary audio frame as it came; return its PCM bytes.
@@ -132,9 +149,10 @@ class Publisher:
         decode, before anything is queued.
         """
         payload = encoder.encode(data, seq, now_ms())
-        size = len(payload[1])
-        self._queue_audio(encoder.key, payload, size)
-        return size
+        head, pcm, tail = payload
+        # Held bytes are the whole command (a long speaker name counts, not only the PCM).
+        self._queue_audio(encoder.key, payload, len(head) + len(pcm) + len(tail))
+        return len(pcm)
 
     def _queue_audio(self, key: str, payload: list[bytes], size: int) -> None:
         self._seq += 1
@@ -174,16 +192,48 @@ class Publisher:
     ) -> None:
         """Publish an event on the bot's stream, and on the global one if it is lifecycle."""
         fields: list[Any] = [b"type", type_, b"bot_id", keys.bot_id, b"channel", channel, b"ts", now_ms()]
+        text = None
         if data is not None:
-            fields += [b"data", data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))]
+            text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+            fields += [b"data", text]
         for name, value in extra.items():
             if value is not None:
                 fields += [name, value]
-        self._control_op("event", ("XADD", keys.events, b"MAXLEN", b"~", self._maxlen_events, b"*", *fields))
+        # What the entry costs Redis, roughly: its text, and ~200 bytes of the rest.
+        size = 200 + (len(text) if text is not None else 0)
+        trim = self._event_trims.get(keys.events)
+        if trim is None:
+            if len(self._event_trims) >= EVENT_TRIMS_MAX:
+                self._event_trims.clear()  # bounded: bots come and go (session_ended forgets)
+            trim = self._event_trims[keys.events] = StreamTrim(
+                self.settings.events_maxlen, self.settings.events_stream_max_bytes
+            )
+        maxlen = trim.note(size)
+        self._control_op(
+            "event",
+            ("XADD", keys.events, b"MAXLEN", b"~", maxlen or self._maxlen_events, b"*", *fields),
+            size,
+        )
+        if type_ == "session_ended":
+            self._event_trims.pop(keys.events, None)
         if type_ in LIFECYCLE:
+            if text is not None and len(text) > self.settings.global_event_data_max_bytes:
+                # The shared stream gets no bot's bulk: the bot's own stream has it whole.
+                at = fields.index(b"data")
+                fields[at : at + 2] = [b"data_bytes", len(text)]
+                size = 200
             self._control_op(
                 "event",
-                ("XADD", self.keyspace.global_events, b"MAXLEN", b"~", self._maxlen_global, b"*", *fields),
+                (
+                    "XADD",
+                    self.keyspace.global_events,
+                    b"MAXLEN",
+                    b"~",
+                    self._global_trim.note(size) or self._maxlen_global,
+                    b"*",
+                    *fields,
+                ),
+                size,
             )
 
     def ack(self, stream: str, entry_ids: Iterable[str], owner: tuple[str, str] | None = None) -> None:
@@ -196,18 +246,27 @@ class Publisher:
         for key in keys:
             self._control_op("expire", ("EXPIRE", key, ttl_s))
 
-    def _control_op(self, kind: str, args: tuple[Any, ...]) -> None:
+    def _control_op(self, kind: str, args: tuple[Any, ...], size: int = 100) -> None:
         self._seq += 1
         key = args[3] if args[0] == "EVAL" else args[1]
         payload: list[bytes] = []
         encode_command(args, payload)
-        self._control.append(_Op(self._seq, kind, key, payload, 0))
-        if len(self._control) > CONTROL_BUFFER_MAX:
-            # Only when Redis has been away for very long: an unsent ack means a
-            # redelivery, an unsent event a gap the metric shows.
+        # Held bytes are counted from the caller's estimate (the event's text): summing
+        # the encoded pieces of every ack and expiry would cost more than it tells.
+        self._control.append(_Op(self._seq, kind, key, payload, 0, size))
+        self._control_bytes += size
+        while self._control and (
+            len(self._control) > CONTROL_BUFFER_MAX
+            or self._control_bytes > self.settings.publish_control_buffer_bytes
+        ):
+            # Only when Redis has been away for long (or a flood of bot text met a
+            # slow Redis): an unsent ack means a redelivery, an unsent event a gap the
+            # metric shows. The oldest go first, as with audio.
             lost = self._control.popleft()
+            self._control_bytes -= lost.held
             self.metrics.dropped.labels("buffer_full").inc()
-            log.warning("control buffer full, dropped oldest", extra={"kind": lost.kind})
+            if self._log_limit.allow("control_full"):
+                log.warning("control buffer full, dropped oldest", extra={"kind": lost.kind})
         self._wakeup.set()
 
     def _shed_audio(self) -> None:
@@ -250,6 +309,7 @@ class Publisher:
             for op in batch:
                 (self._audio if op.kind == "audio" else self._control).popleft()
         self._audio_bytes -= sum(op.size for op in batch)
+        self._control_bytes -= sum(op.held for op in batch)
         return batch
 
     async def _run(self) -> None:
@@ -378,7 +438,9 @@ class Publisher:
                 future = asyncio.get_running_loop().create_future()
                 future.set_exception(exc)
             submitted.append((node, ops, future))
-        size = sum(op.size for op in batch)
+        # In flight counts every byte held for Redis, audio and the rest: a flood of bot
+        # text must meet the same bound on the wire as audio does.
+        size = sum(op.size + op.held for op in batch)
         if not self.backend.is_cluster:
             # One Redis: settle in the reply's own callback, with no task or gather per
             # batch (at light load those were most of a batch's cost). A stalled Redis

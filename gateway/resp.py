@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from gateway.exceptions import FrameError
+from gateway.limits import StreamTrim
 from gateway.protocol import audio_pcm_offset, parse_audio_frame
 
 _CRLF = b"\r\n"
@@ -51,13 +53,27 @@ def encode_commands(commands: Iterable[Iterable[Any]]) -> bytes:
 class AudioEncoder:
     """Encodes audio XADDs fast: the constant head of each stream's command is built once."""
 
-    def __init__(self, maxlen: int, sample_rate: int, max_heads: int = 100_000) -> None:
+    def __init__(
+        self,
+        maxlen: int,
+        sample_rate: int,
+        max_heads: int = 100_000,
+        *,
+        speaker_max_bytes: int = 1 << 62,
+    ) -> None:
         self._maxlen = b"%d" % maxlen
+        self._speaker_max_bytes = speaker_max_bytes
         self._tail_sr = b"$11\r\nsample_rate\r\n$%d\r\n%d\r\n" % (len(str(sample_rate)), sample_rate)
         self._heads: dict[str, bytes] = {}
         self._max_heads = max_heads
 
-    def head(self, key: str) -> bytes:
+    def head(self, key: str, maxlen: int | None = None) -> bytes:
+        """``XADD key MAXLEN ~ n *``: the stream's usual n, or ``maxlen`` (not cached)."""
+        if maxlen is not None:
+            k, n = key.encode(), b"%d" % maxlen
+            return b"*20\r\n$4\r\nXADD\r\n$%d\r\n%b\r\n" % (len(k), k) + (
+                b"$6\r\nMAXLEN\r\n$1\r\n~\r\n$%d\r\n%b\r\n$1\r\n*\r\n" % (len(n), n)
+            )
         head = self._heads.get(key)
         if head is None:
             if len(self._heads) >= self._max_heads:
@@ -71,20 +87,33 @@ class AudioEncoder:
         return head
 
     def encode(
-        self, key: str, speaker_id: str, speaker_name: str, pcm: bytes, seq: int, conn: bytes, ts_ms: int
+        self,
+        key: str,
+        speaker_id: str,
+        speaker_name: str,
+        pcm: bytes,
+        seq: int,
+        conn: bytes,
+        ts_ms: int,
+        trim: StreamTrim | None = None,
     ) -> list[bytes]:
         """Pieces of ``XADD key MAXLEN ~ n * speaker_id .. speaker_name .. pcm .. sample_rate ..
         seq .. conn .. ts ..`` (the PCM is not copied until the batch is joined)."""
         seq_b = b"%d" % seq
         ts_b = b"%d" % ts_ms
+        head = self.speaker_head(key, speaker_id.encode(), speaker_name.encode(), len(pcm))
+        if trim is not None and (maxlen := trim.note(len(head) + len(pcm))) is not None:
+            head = self.head(key, maxlen) + head[len(self.head(key)) :]
         return [
-            self.speaker_head(key, speaker_id.encode(), speaker_name.encode(), len(pcm)),
+            head,
             pcm,
             self.tail_template(conn) % (len(seq_b), seq_b, len(ts_b), ts_b),
         ]
 
     def speaker_head(self, key: str, sid: bytes, name: bytes, pcm_size: int) -> bytes:
-        """The command up to the PCM bytes."""
+        """The command up to the PCM bytes; raises FrameError for an outsized speaker."""
+        if len(sid) > self._speaker_max_bytes or len(name) > self._speaker_max_bytes:
+            raise FrameError("header_too_large", f"speaker id/name of {max(len(sid), len(name))} bytes")
         return self.head(key) + (
             b"$10\r\nspeaker_id\r\n$%d\r\n%b\r\n$12\r\nspeaker_name\r\n$%d\r\n%b\r\n$3\r\npcm\r\n$%d\r\n"
             % (len(sid), sid, len(name), name, pcm_size)
@@ -119,11 +148,12 @@ class FrameEncoder:
     :class:`~gateway.exceptions.FrameError`, and are never remembered.
     """
 
-    __slots__ = ("_encoder", "_head", "_known", "_pcm_at", "_prefix", "_size", "_tail", "key")
+    __slots__ = ("_encoder", "_head", "_known", "_pcm_at", "_prefix", "_size", "_tail", "key", "trim")
 
-    def __init__(self, encoder: AudioEncoder, key: str, conn: bytes) -> None:
+    def __init__(self, encoder: AudioEncoder, key: str, conn: bytes, trim: StreamTrim | None = None) -> None:
         self._encoder = encoder
         self.key = key  # the stream
+        self.trim = trim  # keeps the stream within its bytes (large frames trim it shorter)
         self._prefix = b""
         self._size = -1  # matches no frame: the first one is always looked up
         self._pcm_at = 0
@@ -139,7 +169,14 @@ class FrameEncoder:
             self._prefix, self._size, self._pcm_at, self._head = self._header_of(data)
         seq_b = b"%d" % seq
         ts_b = b"%d" % ts_ms
-        return [self._head, data[self._pcm_at :], self._tail % (len(seq_b), seq_b, len(ts_b), ts_b)]
+        head = self._head
+        trim = self.trim
+        if trim is not None:
+            trim.n += 1  # StreamTrim.note, inlined: nearly every frame stops here
+            if (len(data) > trim.share or trim.big) and (maxlen := trim.check(len(data))) is not None:
+                encoder = self._encoder
+                head = encoder.head(self.key, maxlen) + head[len(encoder.head(self.key)) :]
+        return [head, data[self._pcm_at :], self._tail % (len(seq_b), seq_b, len(ts_b), ts_b)]
 
     def _header_of(self, data: bytes) -> tuple[bytes, int, int, bytes]:
         pcm_at = audio_pcm_offset(data)

@@ -348,8 +348,16 @@ class Outbox:
     is over, so that an ``interrupt`` is always read at once.
     """
 
-    def __init__(self, limit: int, bot_id: str = "", playback: PlaybackConfig | None = None) -> None:
+    def __init__(
+        self,
+        limit: int,
+        bot_id: str = "",
+        playback: PlaybackConfig | None = None,
+        limit_bytes: int = 1 << 62,
+    ) -> None:
         self.limit = limit
+        self.limit_bytes = limit_bytes  # command text held (a few large commands are enough)
+        self.reported_bytes = 0  # this bot's share of the process's held bytes
         self.scheduler = PlaybackScheduler(bot_id, playback)
         self._wakeup = asyncio.Event()
         self.clock = asyncio.get_running_loop().time  # monotonic, as the loop's timers
@@ -389,11 +397,15 @@ class Outbox:
 
     @property
     def full(self) -> bool:
-        return self.scheduler.pending_commands >= self.limit
+        scheduler = self.scheduler
+        return scheduler.pending_commands >= self.limit or scheduler.command_bytes >= self.limit_bytes
 
     @property
     def low(self) -> bool:
-        return self.scheduler.pending_commands <= self.limit // 2
+        scheduler = self.scheduler
+        return (
+            scheduler.pending_commands <= self.limit // 2 and scheduler.command_bytes <= self.limit_bytes // 2
+        )
 
     def __len__(self) -> int:
         return self.scheduler.pending_commands

@@ -109,6 +109,10 @@ class Settings:
     events_stream_max_bytes: int = _opt(
         8 << 20, "Most bytes of one bot's event stream: large entries trim it to fewer entries"
     )
+    global_events_max_bytes: int = _opt(
+        64 << 20,
+        "Most bytes this replica keeps in the global lifecycle stream (large entries trim it shorter)",
+    )
     global_event_data_max_bytes: int = _opt(
         4096, "Largest bot text copied into the global lifecycle stream (the bot's own stream has it whole)"
     )
@@ -209,6 +213,7 @@ class Settings:
             "audio_stream_max_bytes",
             "events_stream_max_bytes",
             "global_event_data_max_bytes",
+            "global_events_max_bytes",
             "outbox_max_bytes",
             "commands_max_held_bytes",
             "publish_control_buffer_bytes",

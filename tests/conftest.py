@@ -51,6 +51,9 @@ def gateway_settings(redis_url: str, **overrides: object) -> Settings:
         command_block_ms=1000,
         handshake_timeout_s=5.0,
         log_format="text",
+        # The tests share this process (and two cores) with the gateway: a slow turn of
+        # the loop here is the test's own load, not the gateway's. Overload tests set it.
+        overload_lag_s=0.0,
     )
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

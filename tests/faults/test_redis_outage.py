@@ -95,7 +95,9 @@ def _keys(bot_id: str) -> str:
 
 
 async def test_redis_restart_loses_nothing_within_the_budget(durable_redis):
-    sent, stored, dropped, entries, seen, status = await _run(durable_redis, "--audio-maxlen", "100000")
+    sent, stored, dropped, entries, seen, status = await _run(
+        durable_redis, "--audio-maxlen", "100000", "--audio-stream-max-bytes", str(1 << 30)
+    )
     report(
         "redis restart, default budget",
         sent=sent,
@@ -114,7 +116,13 @@ async def test_redis_restart_loses_nothing_within_the_budget(durable_redis):
 async def test_redis_outage_past_the_budget_drops_oldest_and_counts_every_frame(durable_redis):
     # 64 KiB holds ~34 frames of 1,920 bytes: a 1.5 s outage at 100 frames/s overflows it.
     sent, stored, dropped, entries, _seen, _ = await _run(
-        durable_redis, "--audio-maxlen", "100000", "--publish-buffer-bytes", "65536"
+        durable_redis,
+        "--audio-maxlen",
+        "100000",
+        "--audio-stream-max-bytes",
+        str(1 << 30),
+        "--publish-buffer-bytes",
+        "65536",
     )
     report(
         "redis outage over budget",

@@ -69,6 +69,7 @@ async def test_flood_meets_tcp_backpressure_not_loss(redis_url, redis_client):
         max_frames_per_s=1_000_000,
         bot_max_bytes_per_s=1 << 30,
         audio_maxlen=100_000,
+        audio_stream_max_bytes=1 << 30,
     ) as gw:
         bot = SimulatedBot(ws_url(gw), "bot_flood", record_sent=False)
         await bot.connect_audio()

@@ -35,7 +35,7 @@ async def backend(redis_url: str) -> AsyncIterator[RedisBackend]:
 
 
 def _publisher(backend: RedisBackend, redis_url: str, **overrides: object) -> tuple[Publisher, KeySpace]:
-    settings = gateway_settings(redis_url, audio_maxlen=100_000, **overrides)
+    settings = gateway_settings(redis_url, audio_maxlen=100_000, audio_stream_max_bytes=1 << 30, **overrides)
     keyspace = KeySpace(settings.key_prefix, settings.command_shards)
     return Publisher(backend, keyspace, settings, Metrics(CollectorRegistry())), keyspace
 

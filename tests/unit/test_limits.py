@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from gateway.limits import BucketTable, Budget, TokenBucket
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.limits import BucketTable, Budget, StreamTrim, TokenBucket
 
 
 def test_a_bucket_allows_its_burst_then_its_rate():
@@ -57,3 +60,31 @@ def test_a_bot_keeps_its_bucket_across_connections():
     table = BucketTable(rate=1, burst=3, max_keys=100, clock=lambda: 0.0)
     assert [table.take("bot") for _ in range(3)] == [True] * 3
     assert table.get("bot") is table.get("bot") and not table.take("bot")
+
+
+def _simulate(trim: StreamTrim, sizes: list[int]) -> list[int]:
+    """A stream as Redis keeps it: each XADD appends, then trims to its MAXLEN."""
+    stream: list[int] = []
+    for size in sizes:
+        maxlen = trim.note(size) or trim.maxlen
+        stream.append(size)
+        del stream[: max(0, len(stream) - maxlen)]
+        assert sum(stream) <= trim.max_bytes, (size, len(stream))
+    return stream
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 5000), max_size=400))
+def test_a_trimmed_stream_never_holds_more_than_its_bytes(sizes):
+    _simulate(StreamTrim(maxlen=50, max_bytes=20_000), sizes)
+
+
+def test_small_entries_are_never_trimmed_below_the_count_cap():
+    trim = StreamTrim(maxlen=600, max_bytes=16 << 20)
+    assert all(trim.note(9600) is None for _ in range(5000))
+    # One large entry among small ones cuts the stream by a few entries at most...
+    assert (trim.note(70_000) or 600) >= 595
+    assert all((trim.note(9600) or 600) >= 595 for _ in range(10))
+    # ...a run of them does, to what fits.
+    stream = _simulate(trim, [1 << 20] * 30)
+    assert 10 <= len(stream) <= 16
