@@ -165,3 +165,29 @@ async def test_a_client_that_never_reads_its_pongs_is_dropped(redis_url):
             )
         finally:
             sock.close()
+
+
+async def test_malformed_json_is_dropped_and_loose_json_is_published_strict(redis_url, redis_client):
+    """JSON deeper than the parser's limit drops one message, not the connection; NaN and
+    duplicate keys are published in a form every strict parser reads."""
+    async with running_gateway(redis_url) as gw, SimulatedBot(ws_url(gw), "loose") as bot:
+        assert bot.control is not None and bot.audio is not None
+        await bot.control.send("[" * 30_000 + "]" * 30_000)  # under the size cap, past the depth limit
+        await bot.audio.send('{"a":' * 20_000 + "1" + "}" * 20_000)
+        await bot.control.send('{"type":"note","level":NaN,"n":1,"n":2}')
+        keys = gw.keyspace.bot("loose")
+
+        async def note():
+            for _, fields in await redis_client.xrange(keys.events):
+                if fields[b"type"] == b"message" and b"note" in fields.get(b"data", b""):
+                    return fields[b"data"]
+            return None
+
+        data = await eventually(note)
+        assert json.loads(data, parse_constant=lambda c: pytest.fail(f"{c} published")) == {
+            "type": "note",
+            "level": None,
+            "n": 2,
+        }
+        assert sample(gw, "frames_dropped_total", reason="bad_json") == 2
+        assert bot.control.close_code is None and bot.audio.close_code is None
