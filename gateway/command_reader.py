@@ -388,11 +388,14 @@ class CommandReader:
                         for key in [group.signal_key, group.wake_key, *group.members]:
                             await _ensure_group_raw(conn, key)
                         continue
-                    if str(exc).startswith(("MOVED", "ASK")):
-                        await self.backend.client.nodes_manager.initialize()  # the slot moved
                     error = exc
                 except (RedisError, OSError, TimeoutError) as exc:
                     error = exc
+                if error is not None and self.backend.is_cluster:
+                    # The slot moved (MOVED), or its node is gone: a dead primary says
+                    # nothing, so ask the cluster which node serves the shard now.
+                    with contextlib.suppress(RedisError, OSError, TimeoutError):
+                        await self.backend.refresh_slots()
                 if error is not None:
                     self.metrics.redis_errors.labels("read_commands").inc()
                     log.warning(

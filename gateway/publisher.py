@@ -40,6 +40,7 @@ from gateway.metrics import Metrics
 from gateway.protocol import BOT_SAMPLE_RATE, AudioFrame
 from gateway.redis_conn import REDIRECT_ERRORS, WRITE_SOCKET_TIMEOUT_S, RawConnection, RedisBackend
 from gateway.resp import AudioEncoder, FrameEncoder, encode_command
+from gateway.routing import Node, Router
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class _Flight:
     settled: asyncio.Future[None]  # done once accounted for; fails if the batch must be sent again
     size: int  # bytes held for Redis: audio, and what control ops count (_Op.held)
     started: float  # time.perf_counter() when written
+    nodes: frozenset[Node | None] = frozenset()  # where it went (a Cluster's nodes)
 
 
 def now_ms() -> int:
@@ -112,6 +114,10 @@ class Publisher:
         self.on_backlog: Callable[[bool], None] | None = None
         self.may_pause: Callable[[], bool] = lambda: True
         self._raw: dict[tuple[str, int] | None, RawConnection] = {}
+        # A Cluster's writes wait per node when one is down, never all of them (routing).
+        self._router = Router(backend.node_of, time.monotonic)
+        self._due_timer: asyncio.TimerHandle | None = None
+        self._refresh_task: asyncio.Task[None] | None = None
         self._raw_timeout_s = WRITE_SOCKET_TIMEOUT_S
         self._inflight_bytes = 0
         self._flights: deque[_Flight] = deque()
@@ -160,7 +166,7 @@ class Publisher:
         self._audio_bytes += size
         if self._audio_bytes > self._high_water and not self.backlogged and self.healthy and self.may_pause():
             self._set_backlogged(True)
-        if self._audio_bytes > self.settings.publish_buffer_bytes:
+        if self._audio_bytes + self._router.parked_bytes > self.settings.publish_buffer_bytes:
             self._shed_audio()
         self._wakeup.set()
 
@@ -270,8 +276,11 @@ class Publisher:
         self._wakeup.set()
 
     def _shed_audio(self) -> None:
-        dropped = 0
-        while self._audio_bytes > self.settings.publish_buffer_bytes and self._audio:
+        # What waits for a Cluster node that is down is the oldest audio: it goes first.
+        over = self._audio_bytes + self._router.parked_bytes - self.settings.publish_buffer_bytes
+        dropped = self._router.shed_oldest_audio(over) if over > 0 else 0
+        budget = self.settings.publish_buffer_bytes - self._router.parked_bytes
+        while self._audio_bytes > budget and self._audio:
             op = self._audio.popleft()
             self._audio_bytes -= op.size
             dropped += 1
@@ -336,12 +345,16 @@ class Publisher:
         batch_max = self.settings.publish_batch_max
         last_flush = 0.0
         waited = False
+        cluster = self.backend.is_cluster
+        router = self._router
         while True:
             while flights and flights[0].settled.done():
                 flight = flights.popleft()
                 self._inflight_bytes -= flight.size
                 if flight.settled.exception() is None:
-                    self._set_health(True)
+                    # On a Cluster a batch settles even when a node failed it: what did
+                    # not land waits for that node alone (gateway.routing).
+                    self._set_health(router.healthy if cluster else True)
                     backoff_s = 0.05
                     continue
                 # The head failed: let the rest settle (on one connection they fail
@@ -373,9 +386,9 @@ class Publisher:
             if self.backlogged and self._audio_bytes < self._high_water // 4:
                 self._set_backlogged(False)
             room = len(flights) < depth and self._inflight_bytes < self._high_water
-            if room and (retry or self.pending):
+            if room and (retry or self.pending or (cluster and self._parked_due())):
                 self._idle.clear()
-                if flights and not all(conn.connected for conn in self._raw.values()):
+                if not cluster and flights and not all(conn.connected for conn in self._raw.values()):
                     # A connection was lost under batches not settled yet: they will
                     # fail and be sent again, so nothing may overtake them on a new one.
                     await asyncio.wait([f.settled for f in flights])
@@ -396,15 +409,19 @@ class Publisher:
                     last_flush = loop.time()
                     batch = self._take_batch()
                 try:
-                    flights.append(await self._launch(batch))
+                    launched = await self._launch(batch)
                 except Exception as exc:  # could not even connect: the batch is retried
                     failed_task: asyncio.Future[None] = loop.create_future()
                     failed_task.set_exception(exc)
                     flights.append(_Flight(batch, failed_task, 0, time.perf_counter()))
                     continue
-                self._inflight_bytes += flights[-1].size
-                continue
-            if not flights and not retry and not self.pending:
+                if launched is not None:
+                    flights.append(launched)
+                    self._inflight_bytes += launched.size
+                    continue
+                # Everything went to a node that is down: wait for a wake-up (new data,
+                # a settled batch, the node's backoff over, or a new slot map).
+            if not flights and not retry and not self.pending and not router.parked:
                 self._idle.set()
                 if self._closing:
                     return
@@ -412,47 +429,112 @@ class Publisher:
             self._wakeup.clear()
             await self._wakeup.wait()
 
-    async def _launch(self, batch: list[_Op]) -> _Flight:
+    async def _launch(self, batch: list[_Op]) -> _Flight | None:
         """Write a batch now (one pipeline per node on a Cluster); settle it later.
 
         Connections are opened first, so that the writes themselves happen without
-        a pause and batches reach each node in the order they were taken.
+        a pause and batches reach each node in the order they were taken. None when
+        nothing could be sent (a Cluster whose nodes for this batch are down).
         """
-        if not self.backend.is_cluster:
-            groups: dict[tuple[str, int] | None, list[_Op]] = {None: batch}
-        else:
-            groups = {}
-            for op in batch:
-                groups.setdefault(self.backend.node_of(op.key), []).append(op)
-        conns = {node: self._raw.get(node) for node in groups}
-        for node, conn in conns.items():
-            if conn is None:
-                conn = conns[node] = self._raw[node] = self.backend.raw_connection(*(node or (None, None)))
-            await conn.connect()
-        submitted = []
-        for node, ops in groups.items():
-            payload = b"".join([piece for op in ops for piece in op.payload])
-            try:
-                future = conns[node].submit(payload, len(ops))  # type: ignore[union-attr]
-            except Exception as exc:
-                future = asyncio.get_running_loop().create_future()
-                future.set_exception(exc)
-            submitted.append((node, ops, future))
+        if self.backend.is_cluster:
+            return await self._launch_cluster(batch)
+        conn = self._raw.get(None)
+        if conn is None:
+            conn = self._raw[None] = self.backend.raw_connection()
+        await conn.connect()
+        payload = b"".join([piece for op in batch for piece in op.payload])
+        try:
+            future = conn.submit(payload, len(batch))
+        except Exception as exc:
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
         # In flight counts every byte held for Redis, audio and the rest: a flood of bot
         # text must meet the same bound on the wire as audio does.
         size = sum(op.size + op.held for op in batch)
-        if not self.backend.is_cluster:
-            # One Redis: settle in the reply's own callback, with no task or gather per
-            # batch (at light load those were most of a batch's cost). A stalled Redis
-            # is caught by check_stalled(), run from the health loop. (A Cluster's
-            # batches need _settle: a node may redirect some of them.)
-            _, ops, future = submitted[0]
-            flight = _Flight(batch, asyncio.get_running_loop().create_future(), size, time.perf_counter())
-            future.add_done_callback(lambda f: self._settle_one(flight, ops, f))
-            return flight
-        task = asyncio.ensure_future(self._settle(batch, submitted))
+        # One Redis: settle in the reply's own callback, with no task or gather per
+        # batch (at light load those were most of a batch's cost). A stalled Redis
+        # is caught by check_stalled(), run from the health loop.
+        flight = _Flight(batch, asyncio.get_running_loop().create_future(), size, time.perf_counter())
+        future.add_done_callback(lambda f: self._settle_one(flight, batch, f))
+        return flight
+
+    async def _launch_cluster(self, batch: list[_Op]) -> _Flight | None:
+        """Group by node what is due; a node that cannot be reached keeps its ops parked."""
+        groups = self._router.route(batch, self._blocked)
+        submitted: list[tuple[Node, list[_Op], asyncio.Future[list[Any]]]] = []
+        for node, ops in groups.items():
+            conn = self._raw.get(node)
+            if conn is None:
+                conn = self._raw[node] = self.backend.raw_connection(*node)
+            try:
+                await conn.connect()
+                payload = b"".join([piece for op in ops for piece in op.payload])
+                submitted.append((node, ops, conn.submit(payload, len(ops))))
+            except Exception as exc:
+                self._node_failed(node, ops, exc)
+        self._arm_due_timer()
+        if not submitted:
+            self._set_health(self._router.healthy)
+            return None
+        sent = [op for _, ops, _ in submitted for op in ops]
+        size = sum(op.size + op.held for op in sent)
+        task = asyncio.ensure_future(self._settle(submitted))
         task.add_done_callback(lambda _: self._wakeup.set())
-        return _Flight(batch, task, size, time.perf_counter())
+        return _Flight(sent, task, size, time.perf_counter(), frozenset(n for n, _, _ in submitted))
+
+    def _blocked(self, node: Node) -> bool:
+        """A node whose connection was lost under batches not settled yet: they will be
+        parked when they fail, and nothing newer for that node may overtake them."""
+        conn = self._raw.get(node)
+        if conn is None or conn.connected:
+            return False
+        return any(node in f.nodes and not f.settled.done() for f in self._flights)
+
+    def _parked_due(self) -> bool:
+        due = self._router.next_due()
+        return due is not None and due <= time.monotonic()
+
+    def _arm_due_timer(self) -> None:
+        """Wake the writer when parked ops may be tried again."""
+        due = self._router.next_due()
+        if self._due_timer is not None:
+            self._due_timer.cancel()
+            self._due_timer = None
+        if due is not None:
+            delay = max(0.0, due - time.monotonic())
+            self._due_timer = asyncio.get_running_loop().call_later(delay, self._wakeup.set)
+
+    def _node_failed(self, node: Node, ops: list[_Op], exc: BaseException) -> None:
+        """A node did not take a write: its ops wait (in order) and the slot map is
+        refreshed, since a dead primary never says that its slots moved."""
+        self._router.failed(node, ops)
+        self.metrics.redis_errors.labels("publish").inc()
+        if self._log_limit.allow(f"node:{node}"):
+            log.warning(
+                "redis node did not take a write, its writes wait",
+                extra={"node": f"{node[0]}:{node[1]}", "error": repr(exc), "parked": len(self._router)},
+            )
+        if self._audio_bytes + self._router.parked_bytes > self.settings.publish_buffer_bytes:
+            self._shed_audio()
+        self._request_refresh()
+
+    def _request_refresh(self) -> None:
+        if self._refresh_task is None or self._refresh_task.done():
+            self._refresh_task = asyncio.create_task(self._refresh_slots(), name="slot-map-refresh")
+
+    async def _refresh_slots(self) -> None:
+        try:
+            primaries = await self.backend.refresh_slots()
+        except Exception as exc:  # the next failure asks again
+            if self._log_limit.allow("slot-refresh"):
+                log.warning("could not refresh the cluster's slot map", extra={"error": repr(exc)})
+            return
+        if primaries is not None:
+            self._router.slots_changed(primaries)
+            for node in [n for n in self._raw if n is not None and n not in primaries]:
+                self._raw.pop(node).close()  # a node that serves nothing now
+            self._arm_due_timer()
+            self._wakeup.set()
 
     def _settle_one(self, flight: _Flight, ops: list[_Op], replies: asyncio.Future[list[Any]]) -> None:
         done = flight.settled
@@ -479,31 +561,31 @@ class Publisher:
             return True
         return False
 
-    async def _settle(
-        self, batch: list[_Op], submitted: list[tuple[tuple[str, int] | None, list[_Op], asyncio.Future[Any]]]
-    ) -> None:
-        """A Cluster batch: account for what landed. Raises if any node failed (or
-        redirected), with the batch trimmed to the part that did not land, so that a
-        retry repeats nothing that succeeded."""
+    async def _settle(self, submitted: list[tuple[Node, list[_Op], asyncio.Future[list[Any]]]]) -> None:
+        """A Cluster batch: account for what landed; what a node did not take (an error,
+        a timeout, a redirect) waits for that node alone (gateway.routing)."""
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._raw_timeout_s):
                 results = await asyncio.gather(*(f for _, _, f in submitted), return_exceptions=True)
         except TimeoutError:
-            for node, _, _ in submitted:
-                if (conn := self._raw.get(node)) is not None:
-                    conn.close()  # unknown state: everything on it fails and is retried
-            raise
-        failed: list[_Op] = []
-        redirected: list[_Op] = []
-        error: BaseException | None = None
-        for (_, ops, _), result in zip(submitted, results, strict=True):
+            results = []
+            for node, _, future in submitted:
+                if not future.done():
+                    if (conn := self._raw.get(node)) is not None:
+                        conn.close()  # unknown state: everything on it failed
+                    results.append(TimeoutError(f"no reply from {node[0]}:{node[1]}"))
+                else:
+                    results.append(future.exception() or future.result())
+        ok = True
+        for (node, ops, _), result in zip(submitted, results, strict=True):
             if isinstance(result, BaseException):
-                failed += ops
-                error = result
+                ok = False
+                self._node_failed(node, ops, result)
                 continue
             landed: list[_Op] = []
             replies: list[Any] = []
+            redirected: list[_Op] = []
             for op, reply in zip(ops, result, strict=True):
                 if isinstance(reply, hiredis.ReplyError) and str(reply).startswith(REDIRECT_ERRORS):
                     redirected.append(op)
@@ -511,15 +593,15 @@ class Publisher:
                     landed.append(op)
                     replies.append(reply)
             self._account(landed, replies)
-        if redirected:
-            # The slot map changed (resharding, failover): refresh it, and retry those in order.
-            await self.backend.client.nodes_manager.initialize()
-            failed = sorted(failed + redirected)
-            error = error or RedisError(f"{len(redirected)} writes redirected")
-        if failed:
-            batch[:] = failed
-            raise error if isinstance(error, Exception) else RedisError(str(error))
-        self._publish_latency.observe(time.perf_counter() - started)
+            if redirected:
+                # The slot map changed (resharding, failover): refresh it; these wait.
+                ok = False
+                self._node_failed(node, redirected, RedisError(f"{len(redirected)} writes redirected"))
+            else:
+                self._router.succeeded(node)
+        self._arm_due_timer()
+        if ok:
+            self._publish_latency.observe(time.perf_counter() - started)
 
     def _requeue_for_budget(self, batch: list[_Op]) -> None:
         """While we retry, audio keeps arriving: keep the whole backlog in budget."""
@@ -575,7 +657,7 @@ class Publisher:
         self._wakeup.set()
         try:
             async with asyncio.timeout(timeout_s):
-                while self.pending or not self._idle.is_set():
+                while self.pending or self._router.parked or not self._idle.is_set():
                     if self._task is None or self._task.done():
                         return False  # nobody is writing: waiting would not help
                     await self._idle.wait()

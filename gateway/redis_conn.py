@@ -7,7 +7,7 @@ import logging
 import ssl
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import hiredis
@@ -30,6 +30,9 @@ WRITE_SOCKET_TIMEOUT_S = 10.0
 #: Error replies that mean "not here (now)" on a Cluster: refresh the slot map and send again.
 REDIRECT_ERRORS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
 CONNECT_TIMEOUT_S = 5.0
+#: Least time between two slot-map refreshes: a dead node fails every write sent to
+#: it, and each failure asks for one until its replica takes over.
+SLOT_REFRESH_MIN_S = 0.25
 POOL_WAIT_S = 10.0
 
 Client = aioredis.Redis | RedisCluster
@@ -43,6 +46,8 @@ class RedisBackend:
     url: str
     is_cluster: bool
     clock_offset_ms: int = 0  # Redis TIME minus our wall clock
+    _refreshing: asyncio.Future[set[tuple[str, int]]] | None = field(default=None, repr=False)
+    _refreshed_at: float = field(default=0.0, repr=False)
 
     def slot(self, key: str) -> int:
         return key_slot(key.encode()) if self.is_cluster else 0
@@ -86,6 +91,30 @@ class RedisBackend:
         """Host and port of the node that serves ``key`` (a Cluster's current slot map)."""
         node = self.client.get_node_from_key(key)
         return node.host, node.port
+
+    async def refresh_slots(self) -> set[tuple[str, int]] | None:
+        """Ask the cluster for its slot map again; the primaries now, or None (not a
+        Cluster, or refreshed a moment ago). One refresh at a time, shared by callers.
+
+        A MOVED reply refreshes it too (redis-py), but a dead primary replies nothing:
+        this is how writers and readers find the replica that took its slots over.
+        """
+        if not self.is_cluster:
+            return None
+        if self._refreshing is not None:
+            return await asyncio.shield(self._refreshing)
+        if time.monotonic() - self._refreshed_at < SLOT_REFRESH_MIN_S:
+            return None
+        self._refreshed_at = time.monotonic()
+        self._refreshing = asyncio.ensure_future(self._refresh())
+        try:
+            return await asyncio.shield(self._refreshing)
+        finally:
+            self._refreshing = None
+
+    async def _refresh(self) -> set[tuple[str, int]]:
+        await self.client.nodes_manager.initialize()
+        return {(node.host, node.port) for node in self.client.get_primaries()}
 
     def now_ms(self) -> int:
         """Redis server time in Unix ms, as our clock corrected by the offset seen at start."""

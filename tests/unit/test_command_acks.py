@@ -10,6 +10,7 @@ connection fails with the ack unconfirmed. None may be lost silently.
 from __future__ import annotations
 
 import asyncio
+import types
 from typing import Any
 
 import hiredis
@@ -70,7 +71,7 @@ async def _run(
             reader._stopping = True
 
     reader = CommandReader(
-        None,  # type: ignore[arg-type]
+        types.SimpleNamespace(is_cluster=False),  # type: ignore[arg-type]
         keyspace,
         settings or Settings(),
         metrics,
