@@ -68,11 +68,36 @@ class Budget:
         self.bytes = bytes_
 
     def admit(self, now: float, size: int) -> str | None:
-        """None if a message of ``size`` bytes may pass, else why not (a drop reason)."""
-        if not self.messages.take(now):
+        """None if a message of ``size`` bytes may pass, else why not (a drop reason).
+
+        Both :meth:`TokenBucket.take` inlined: this runs for every audio frame, and
+        the two calls were a third of its cost (``bench.hotpath``).
+        """
+        m = self.messages
+        tokens = m.tokens + (now - m.at) * m.rate
+        if tokens > m.burst:
+            tokens = m.burst
+        m.at = now
+        if tokens < 1.0:
+            m.tokens = tokens
+            m.refused += 1.0
             return "rate_limited"
-        if size and not self.bytes.take(now, size):
-            return "bot_budget"
+        m.tokens = tokens = tokens - 1.0
+        if m.refused and tokens >= 1.0:
+            m.refused = 0.0
+        if size:
+            b = self.bytes
+            tokens = b.tokens + (now - b.at) * b.rate
+            if tokens > b.burst:
+                tokens = b.burst
+            b.at = now
+            if tokens < size:
+                b.tokens = tokens
+                b.refused += size
+                return "bot_budget"
+            b.tokens = tokens = tokens - size
+            if b.refused and tokens >= size:
+                b.refused = 0.0
         return None
 
     @property

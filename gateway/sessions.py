@@ -182,6 +182,7 @@ class BotWebSocket(ServerConnection):
         # again after each frame handed to it, not for every frame.
         bypass = protocol.state is OPEN and not len(queued)
         budget = self.budget
+        now = time.monotonic()  # one read's frames arrived together
         end = len(data)
         while pos < end:
             span = scan_frame(data, pos)
@@ -199,7 +200,7 @@ class BotWebSocket(ServerConnection):
                 and span.size - span.head <= max_payload
                 and protocol.current_size is None  # not inside a fragmented message
             ):
-                if budget is not None and (refused := budget.admit(time.monotonic(), nxt - pos - span.head)):
+                if budget is not None and (refused := budget.admit(now, nxt - pos - span.head)):
                     self._refuse(refused, True)
                     if self.discard:
                         return
