@@ -156,6 +156,35 @@ class RedisClusterProcesses:
             time.sleep(0.05)
         raise RuntimeError(f"no replica took slot {slot} over within {timeout_s}s")
 
+    def migrate_slot(
+        self, slot: int, target: RedisServer | None = None, batch: int = 100
+    ) -> tuple[RedisServer, RedisServer]:
+        """Move ``slot`` and its keys to another live primary, under load, as
+        ``redis-cli --cluster reshard`` does: IMPORTING/MIGRATING, MIGRATE the keys
+        (clients meanwhile get ASK for keys already moved), then SETSLOT NODE on the
+        target, the source and the other primaries (replicas refuse SETSLOT; they
+        follow by gossip). Returns (source, target)."""
+        source = self.server_of_slot(slot)
+        if target is None:
+            target = next(s for s in self.primaries() if s is not source)
+        # MIGRATE of a large stream can outlast the 2 s timeout of the probing clients.
+        clients = {s.port: redis.Redis(port=s.port, socket_timeout=30) for s in self.primaries()}
+        try:
+            src, dst = clients[source.port], clients[target.port]
+            src_id = src.execute_command("CLUSTER", "MYID")
+            dst_id = dst.execute_command("CLUSTER", "MYID")
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
+                src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 10_000, "KEYS", *keys)
+            others = [p for p in clients if p not in (source.port, target.port)]
+            for port in (target.port, source.port, *others):
+                clients[port].execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        finally:
+            for client in clients.values():
+                client.close()
+        return source, target
+
     def restart(self, server: RedisServer, timeout_s: float = 30.0) -> None:
         """Start a killed node again on its port and data: it rejoins the cluster (as a
         replica of whoever took its slots over)."""
