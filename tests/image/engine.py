@@ -28,6 +28,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from gateway.embedded_redis import terminate
+
 ROOT = Path(__file__).resolve().parents[2]
 # What the harness runs, and the Debian package that brings it.
 PACKAGES = {"dockerd": "docker.io", "debootstrap": "debootstrap", "docker-compose": "docker-compose"}
@@ -186,12 +188,7 @@ class DockerEngine:
                 ids = self.docker("ps", "-aq", timeout_s=10).split()
                 if ids:
                     self.docker("rm", "-f", "-v", *ids, timeout_s=timeout_s)
-            proc.terminate()
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc, timeout_s)
         remove_tree(self.dir)
 
 
