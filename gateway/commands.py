@@ -88,6 +88,24 @@ def _show(value: object) -> str:
     return shown + "..." if len(value) > _SHOWN_MAX_CHARS else shown
 
 
+def _wire_type(value: object) -> str:
+    """A value's type as the worker wrote it (JSON or MessagePack), not Python's name for it:
+    a worker in Go or TypeScript never wrote a ``NoneType``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, bytes):
+        return "binary data"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "a string" if isinstance(value, str) else "an unknown type"
+
+
 def _int_text(value: int) -> str:
     """An int for a detail: str() of a 4,000-digit int is long, and past 4,300 digits it raises."""
     return str(value) if -(10**18) < value < 10**18 else f"a {value.bit_length()}-bit integer"
@@ -260,7 +278,7 @@ def _field_name(key: object) -> object:
     return key
 
 
-def decode_entry(fields: Mapping[bytes | str, bytes | str], max_bytes: int) -> dict[str, Any]:
+def decode_entry(fields: Mapping[Any, Any], max_bytes: int) -> dict[str, Any]:
     """Read the command map out of a stream entry's ``json`` or ``msgpack`` field.
 
     Other fields are ignored. The map's keys are str; JSON is strict (no NaN,
@@ -351,7 +369,14 @@ def validate_command(raw: dict[str, Any], bot_id: str, *, max_image_bytes: int =
     """Check a decoded command map against the vendor's table for its command."""
     name = raw.get("command")
     if not isinstance(name, str) or name not in SPECS:
-        raise CommandRejected("unknown_command", f"command {_show(name)} is not one of {', '.join(COMMANDS)}")
+        one_of = ", ".join(COMMANDS)
+        if "command" not in raw:
+            detail = f"the command field is missing: it must be one of {one_of}"
+        elif not isinstance(name, str):
+            detail = f"command must be a string, one of {one_of}; got {_wire_type(name)}"
+        else:
+            detail = f"command {_show(name)} is not one of {one_of}"
+        raise CommandRejected("unknown_command", detail)
     spec = SPECS[name]
     claimed = raw.get("bot_id", bot_id)
     if claimed != bot_id:
@@ -433,7 +458,7 @@ def _settle_chat_text(payload: dict[str, Any]) -> None:
 
 
 def parse_command(
-    fields: Mapping[bytes | str, bytes | str],
+    fields: Mapping[Any, Any],
     bot_id: str,
     *,
     entry_id: str = "",
