@@ -70,7 +70,8 @@ class Gateway:
         """The bot port actually bound (useful with port 0)."""
         if self.ws_server is None:
             return self.settings.port
-        return self.ws_server.sockets[0].getsockname()[1]
+        port: int = self.ws_server.sockets[0].getsockname()[1]
+        return port
 
     @property
     def redis_url(self) -> str:

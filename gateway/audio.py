@@ -41,7 +41,8 @@ def decode_samples(data: bytes, encoding: Encoding = "pcm16") -> np.ndarray:
     floats = np.frombuffer(data, dtype="<f4")
     if not np.all(np.isfinite(floats)):
         raise ValueError("audiochunk has NaN or infinite float32 samples")
-    return np.round(np.clip(floats, -1.0, 1.0) * 32767).astype(np.int16)
+    out: np.ndarray = np.round(np.clip(floats, -1.0, 1.0) * 32767).astype(np.int16)
+    return out
 
 
 def duration_samples(n_samples: int, rate: int) -> int:
@@ -109,4 +110,5 @@ def resample(samples: np.ndarray, rate: int) -> np.ndarray:
     """A whole clip at 48 kHz (int16); for tests and offline use."""
     if rate == BOT_SAMPLE_RATE:
         return samples
-    return soxr.resample(samples, rate, BOT_SAMPLE_RATE, quality="HQ")
+    out: np.ndarray = soxr.resample(samples, rate, BOT_SAMPLE_RATE, quality="HQ")
+    return out

@@ -18,6 +18,7 @@ import math
 import termios
 import time
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -236,6 +237,7 @@ class BotServer:
     # -- connections ----------------------------------------------------------
 
     async def handler(self, ws: ServerConnection) -> None:
+        assert ws.request is not None  # the handler runs after the opening handshake
         route = parse_path(ws.request.path)  # checked in process_request
         conn = BotConnection(ws, route.channel)
         channel = route.channel
@@ -621,7 +623,7 @@ class BotServer:
             self._close_soon(conn, CLOSE_INTERNAL_ERROR, "error", "internal error")
 
     def _accept(
-        self, keys: BotKeys, outbox: Outbox, entry_id: str, fields: dict[bytes, bytes], now_ms: int
+        self, keys: BotKeys, outbox: Outbox, entry_id: str, fields: Mapping[Any, Any], now_ms: int
     ) -> None:
         """One entry into the outbox, or exactly one ``command_rejected``, whatever it holds."""
         try:
@@ -865,7 +867,7 @@ class BotServer:
         """Publish the scheduler's playback events and move its counts into metrics."""
         scheduler = outbox.scheduler
         for event in scheduler.take_events():
-            self.publisher.event(keys, event.type, "control", **event.fields)
+            self.publisher.event(keys, event.type, "control", None, **event.fields)
             if event.type == "playback_finished":
                 self.metrics.playback_utterances.labels("finished").inc()
             elif event.type == "playback_interrupted":

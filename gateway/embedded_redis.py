@@ -47,7 +47,7 @@ def find_redis_binary(name: str = "redis-server") -> str:
     raise ConfigError(INSTALL_HINT)
 
 
-def terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+def terminate(proc: subprocess.Popen[bytes] | subprocess.Popen[str], timeout_s: float) -> None:
     """SIGTERM a child, then SIGKILL if it has not exited within ``timeout_s``; reaped either way."""
     if proc.poll() is None:
         proc.terminate()
@@ -61,7 +61,8 @@ def terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _bindable(port: int, host: str = "127.0.0.1") -> bool:

@@ -266,4 +266,5 @@ class Janitor:
         pipe = self.backend.client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
-        return await pipe.execute(raise_on_error=False)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies

@@ -270,13 +270,13 @@ class PlaybackScheduler:
             out, self._interrupt = self._interrupt, None
             return out
         if self._commands:
-            out = self._commands.popleft()
-            self.command_bytes -= len(out.text)
-            return out
+            command = self._commands.popleft()
+            self.command_bytes -= len(command.text)
+            return command
         while (due := self._audio_due()) is not None and now >= due - _EPSILON_S:
-            out = self._take_chunk(now - max(due, self._audio_since))
-            if out is not None:
-                return out
+            chunk = self._take_chunk(now - max(due, self._audio_since))
+            if chunk is not None:
+                return chunk
         return None
 
     def sent(self, out: Outgoing, now: float) -> None:

@@ -150,7 +150,7 @@ def _decode_json(text: str | bytes) -> tuple[Any, bool]:
     except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise MessageError("bad_json", "text frame is not valid JSON") from exc
     try:
-        return _LENIENT_JSON.decode(text), False
+        return _LENIENT_JSON.decode(text), False  # type: ignore[arg-type]  # str by now
     except (ValueError, RecursionError) as exc:
         raise MessageError("bad_json", "text frame is not valid JSON") from exc
 
@@ -249,9 +249,9 @@ def parse_path(path: str) -> Route:
     path = path.split("?", 1)[0].rstrip("/")
     parts = path.split("/")[1:] if path.startswith("/") else []
     if len(parts) == 1 and parts[0] in CHANNELS:
-        return Route(parts[0], None)  # type: ignore[arg-type]
+        return Route(parts[0], None)
     if len(parts) == 2 and parts[1] in CHANNELS:
-        return Route(parts[1], validate_bot_id(parts[0]))  # type: ignore[arg-type]
+        return Route(parts[1], validate_bot_id(parts[0]))
     raise BadRoute("bad_path", "path must be /audio, /control, /{bot_id}/audio or /{bot_id}/control")
 
 

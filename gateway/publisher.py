@@ -115,7 +115,7 @@ class Publisher:
         self.may_pause: Callable[[], bool] = lambda: True
         self._raw: dict[tuple[str, int] | None, RawConnection] = {}
         # A Cluster's writes wait per node when one is down, never all of them (routing).
-        self._router = Router(backend.node_of, time.monotonic)
+        self._router: Router[_Op] = Router(backend.node_of, time.monotonic)
         self._due_timer: asyncio.TimerHandle | None = None
         self._refresh_task: asyncio.Task[None] | None = None
         self._raw_timeout_s = WRITE_SOCKET_TIMEOUT_S

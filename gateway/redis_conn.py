@@ -59,7 +59,7 @@ class RedisBackend:
         pool: a cancelled blocking read must not hand a still-blocked connection
         back to the pool (it would answer the next caller with stale data).
         """
-        kwargs: dict[str, Any] = parse_url(self.url)
+        kwargs: dict[str, Any] = dict(parse_url(self.url))
         if self.is_cluster:
             node = self.client.get_node_from_key(key)
             kwargs.update(host=node.host, port=node.port)
@@ -74,7 +74,7 @@ class RedisBackend:
 
     def raw_params(self) -> dict[str, Any]:
         """Credentials and TLS options of the URL, for :class:`RawConnection`."""
-        params: dict[str, Any] = parse_url(self.url)
+        params: dict[str, Any] = dict(parse_url(self.url))
         conn_class = params.pop("connection_class", None)
         if conn_class is not None and "SSL" in conn_class.__name__:
             params["ssl"] = True

@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 Node = tuple[str, int]
 #: Where ops go whose slot no node serves right now (the map is being refreshed).
@@ -35,7 +35,10 @@ class RoutedOp(Protocol):
     kind: str
     size: int
 
-    def __lt__(self, other: RoutedOp, /) -> bool: ...
+    def __lt__(self, other: Any, /) -> bool: ...
+
+
+Op = TypeVar("Op", bound=RoutedOp)
 
 
 @dataclass(slots=True)
@@ -44,11 +47,11 @@ class _Down:
     backoff_s: float
 
 
-class Router:
+class Router(Generic[Op]):
     def __init__(self, node_of: Callable[[str], Node], clock: Callable[[], float]) -> None:
         self._node_of = node_of
         self._clock = clock
-        self.parked: dict[Node, list[RoutedOp]] = {}
+        self.parked: dict[Node, list[Op]] = {}
         self.parked_bytes = 0  # audio bytes parked (counted against the audio budget)
         self.down: dict[Node, _Down] = {}
 
@@ -59,20 +62,20 @@ class Router:
             return UNROUTED
 
     def route(
-        self, batch: Iterable[RoutedOp], blocked: Callable[[Node], bool] = lambda node: False
-    ) -> dict[Node, list[RoutedOp]]:
+        self, batch: Iterable[Op], blocked: Callable[[Node], bool] = lambda node: False
+    ) -> dict[Node, list[Op]]:
         """Group parked ops that are due and a new batch (newer than anything parked) by
         node; ops for a node that is down, or ``blocked`` (its connection was lost under
         ops still in flight), are parked instead, behind what is parked for it."""
         now = self._clock()
         due = [node for node in self.parked if self._may_send(node, now, blocked)]
-        ops: Iterable[RoutedOp] = batch
+        ops: Iterable[Op] = batch
         if due:
             taken = [self.parked.pop(node) for node in due]
             self.parked_bytes -= sum(op.size for ops_ in taken for op in ops_)
             # Parked ops are older than the new batch; merge keeps each node's order.
             ops = heapq.merge(*taken, batch)
-        groups: dict[Node, list[RoutedOp]] = {}
+        groups: dict[Node, list[Op]] = {}
         for op in ops:
             node = self.node_of(op.key)
             if node in self.parked or not self._may_send(node, now, blocked):
@@ -87,7 +90,7 @@ class Router:
         down = self.down.get(node)
         return (down is None or down.retry_at <= now) and not blocked(node)
 
-    def _park(self, node: Node, ops: list[RoutedOp]) -> None:
+    def _park(self, node: Node, ops: list[Op]) -> None:
         parked = self.parked.get(node)
         if parked is None:
             self.parked[node] = list(ops)
@@ -97,7 +100,7 @@ class Router:
             parked += ops
         self.parked_bytes += sum(op.size for op in ops)
 
-    def failed(self, node: Node, ops: list[RoutedOp]) -> None:
+    def failed(self, node: Node, ops: list[Op]) -> None:
         """Ops sent to ``node`` that did not land: parked (in order), the node backed off.
 
         They are routed again when due: to the same node, or to whoever serves their

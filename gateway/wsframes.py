@@ -24,7 +24,7 @@ class FrameSpan(NamedTuple):
     masked: bool
 
 
-def scan_frame(data: bytes, start: int = 0) -> FrameSpan | None:
+def scan_frame(data: bytes | bytearray, start: int = 0) -> FrameSpan | None:
     """The frame that begins at ``start``; None while its header is incomplete.
 
     The payload may not have arrived yet: compare ``size`` with what is there.

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import subprocess
 import time
+from typing import Any
 
 import redis
 
 from gateway.embedded_redis import RedisServer, find_redis_binary
+
+
+def _execute(client: redis.Redis, *args: Any) -> Any:
+    """One command; redis-py's sync client leaves execute_command untyped."""
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
 class RedisClusterProcesses:
@@ -107,7 +113,8 @@ class RedisClusterProcesses:
     def role(self, server: RedisServer) -> str:
         client = self._client(server)
         try:
-            return client.execute_command("ROLE")[0].decode()
+            role: bytes = _execute(client, "ROLE")[0]
+            return role.decode()
         finally:
             client.close()
 
@@ -119,7 +126,7 @@ class RedisClusterProcesses:
         for server in self.live():
             client = self._client(server)
             try:
-                ranges = client.execute_command("CLUSTER", "SLOTS")
+                ranges = _execute(client, "CLUSTER", "SLOTS")
             except redis.RedisError:
                 continue
             finally:
@@ -171,15 +178,15 @@ class RedisClusterProcesses:
         clients = {s.port: redis.Redis(port=s.port, socket_timeout=30) for s in self.primaries()}
         try:
             src, dst = clients[source.port], clients[target.port]
-            src_id = src.execute_command("CLUSTER", "MYID")
-            dst_id = dst.execute_command("CLUSTER", "MYID")
-            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
-            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
-                src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 10_000, "KEYS", *keys)
+            src_id = _execute(src, "CLUSTER", "MYID")
+            dst_id = _execute(dst, "CLUSTER", "MYID")
+            _execute(dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            _execute(src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while keys := _execute(src, "CLUSTER", "GETKEYSINSLOT", slot, batch):
+                _execute(src, "MIGRATE", "127.0.0.1", target.port, "", 0, 10_000, "KEYS", *keys)
             others = [p for p in clients if p not in (source.port, target.port)]
             for port in (target.port, source.port, *others):
-                clients[port].execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+                _execute(clients[port], "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
         finally:
             for client in clients.values():
                 client.close()
