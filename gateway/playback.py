@@ -13,8 +13,9 @@ Three lanes, highest priority first:
    whose bots ignore ``interrupt``. Interrupts pending together are sent once.
 2. **commands** (chat, images): sent as soon as the socket takes them, in
    stream order. An interim ``sendchat`` (``is_final`` false) still waiting at
-   the tail of the lane is replaced by a newer one of the same role, so a slow
-   socket gets only the latest text; a final is never dropped or reordered.
+   the tail of the lane is replaced by a newer one of the same role (interim or
+   final), so a slow socket gets only the latest text; a final is never dropped
+   or reordered. Each replaced interim is reported (``command_superseded``).
 3. **audio**: cut into ``chunk_ms`` chunks at 48 kHz and paced at real time,
    keeping at most ``lead_ms`` of audio queued at the bot. The scheduler models
    the bot's queue (``_play_end``, when it will run dry) from what it sent and
@@ -177,6 +178,13 @@ class PlaybackScheduler:
                 self.command_bytes -= len(tail.text)
                 out.acks[:0] = tail.acks
                 self.counts["coalesced"] += 1
+                # A worker must be able to tell "dropped on purpose" from "lost".
+                self._events.append(
+                    PlaybackEvent(
+                        "command_superseded",
+                        {"entry_id": tail.entry_id, "command": "sendchat", "superseded_by": out.entry_id},
+                    )
+                )
         self._commands.append(out)
         self.command_bytes += len(out.text)
 

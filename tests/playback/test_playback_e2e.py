@@ -177,6 +177,34 @@ async def test_interim_chat_piling_up_is_coalesced(gateway, redis_client):
     assert coalesced == 3
 
 
+async def test_five_interims_and_a_final_at_once_reach_the_bot_as_the_final(gateway, redis_client):
+    """What PROTOCOL.md and PLAYBACK.md state, found by test: 1. five interims and a final
+    written in one MULTI; 2. the bot gets the final only (each interim was still waiting when
+    the next arrived); 3. each dropped interim is a ``command_superseded`` event naming the
+    entry that replaced it; 4. every entry is acknowledged."""
+    bot = SimulatedBot(ws_url(gateway), "bot_chat5")
+    async with bot:
+        await ready(gateway, "bot_chat5")
+        keys = gateway.keyspace.bot("bot_chat5")
+        texts = [("H", False), ("He", False), ("Hel", False), ("Hell", False), ("Hello", False)]
+        async with redis_client.pipeline(transaction=True) as pipe:
+            for text, final in [*texts, ("Hello.", True)]:
+                chat = {"command": "sendchat", "role": "assistant", "text": text, "is_final": final}
+                pipe.xadd(keys.commands, {"json": json.dumps(chat)})
+            ids = [i.decode() for i in await pipe.execute()]
+        await bot.wait_commands(1, timeout=5)
+        await eventually(lambda: nothing_pending(redis_client, keys.commands))
+        await asyncio.sleep(0.2)
+        events = await redis_client.xrange(keys.events)
+    assert [(c["text"], c["is_final"]) for c in bot.commands("sendchat")] == [("Hello.", True)]
+    superseded = [
+        (f[b"entry_id"].decode(), f[b"superseded_by"].decode(), f[b"command"])
+        for _, f in events
+        if f[b"type"] == b"command_superseded"
+    ]
+    assert superseded == [(ids[i], ids[i + 1], b"sendchat") for i in range(5)]
+
+
 async def test_what_cannot_play_or_show_is_rejected_with_a_reason(redis_url, redis_client):
     async with running_gateway(redis_url, playback_max_held_s=2.0, image_max_bytes=1000) as gw:
         bot = SimulatedBot(ws_url(gw), "bot_rej")

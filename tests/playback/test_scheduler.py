@@ -235,6 +235,9 @@ def test_interim_chat_is_coalesced_final_never_dropped():
         ("Again.", ["10-0"]),
     ]
     assert d.s.counts["coalesced"] == 4
+    # Every interim that was replaced leaves a trace, naming what replaced it.
+    superseded = [(f["entry_id"], f["superseded_by"]) for _, t, f in d.events if t == "command_superseded"]
+    assert superseded == [("1-0", "2-0"), ("2-0", "3-0"), ("6-0", "7-0"), ("8-0", "9-0")]
 
 
 def test_bounds_reject_with_queue_full():
