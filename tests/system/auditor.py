@@ -178,23 +178,25 @@ class Auditor:
         lost = 0
         for bot_id in bot_ids:
             s = self.bots[bot_id]
+            audio: list[Any] = []
+            events: list[Any] = []
             for _attempt in range(5):
                 try:
                     client = await self._connect()
-                    audio = await client.xrange(s.audio_key, min=f"{from_ms}-0", max=f"{to_ms}-0")
-                    events = await client.xrange(s.events_key, min=f"{from_ms}-0", max=f"{to_ms}-0")
+                    audio = await client.xrange(s.audio_key, min=f"{from_ms}-0", max=f"{to_ms}-0") or []
+                    events = await client.xrange(s.events_key, min=f"{from_ms}-0", max=f"{to_ms}-0") or []
                     break
                 except (RedisError, OSError):
                     await self._drop_client()
                     await asyncio.sleep(0.5)
             else:
                 continue
-            present = {_s(e) for e, _ in audio}
+            present = {_s(e) for e, _ in audio if e is not None}
             gone = [f for f in s.frames if from_ms <= f.ms <= to_ms and f.entry not in present]
             if gone:
                 self.lost_to_failover.setdefault(bot_id, []).extend(gone)
                 lost += len(gone)
-            present_events = {_s(e) for e, _ in events}
+            present_events = {_s(e) for e, _ in events if e is not None}
             gone_events = [e for e in s.events if from_ms <= _ms(e["entry"]) <= to_ms]
             gone_events = [e for e in gone_events if e["entry"] not in present_events]
             if gone_events:

@@ -349,7 +349,7 @@ class Day:
         lines: dict[str, list[list[str]]] = {}
         for path in sorted(self.run_dir.glob("w*.log")):
             lines[path.stem] = [line.split() for line in path.read_text().splitlines() if line.strip()]
-        frames = {
+        frames: dict[str, dict[str, list[Any]]] = {
             b: {
                 "idx": [f.idx for f in s.frames],
                 "ms": [f.ms for f in s.frames],

@@ -312,11 +312,11 @@ class DayBot:
         elif name == "interrupt":
             received.append((now, "interrupt", "", -1, link))
         elif name == "sendaudio":
-            tag = chunk_tag(base64.b64decode(command.get("audiochunk", "")))
-            if tag is None:
+            found = chunk_tag(base64.b64decode(command.get("audiochunk", "")))
+            if found is None:
                 received.append((now, "audio", "?", -1, link))
                 return
-            number, chunk = tag
+            number, chunk = found
             received.append((now, "audio", f"{number:08x}", chunk, link))
             if chunk == 0 and number not in self._utterances_seen:
                 self._utterances_seen.add(number)
@@ -337,8 +337,13 @@ async def run_bots(config: dict[str, Any]) -> list[BotRecord]:
     frames = FrameSource(plan.frame_ms)
     bots = [DayBot(m, plan, service, config["t0"], frames) for m in plan.meetings if m.bot_id in mine]
     loop = asyncio.get_running_loop()
+
+    def leave_all() -> None:
+        for bot in bots:
+            bot.leave_now()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: [b.leave_now() for b in bots])
+        loop.add_signal_handler(sig, leave_all)
     try:
         return list(await asyncio.gather(*(b.run() for b in bots)))
     finally:
@@ -350,11 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     config = json.loads(Path(args[0]).read_text())
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:  # pragma: no cover
-        runner = asyncio.run
-    records = runner(run_bots(config))
+        records = asyncio.run(run_bots(config))
+    else:
+        records = uvloop.run(run_bots(config))
     out = Path(config["out"])
     out.with_suffix(".tmp").write_text(json.dumps([r.to_json() for r in records]))
     out.with_suffix(".tmp").replace(out)

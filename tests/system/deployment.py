@@ -308,7 +308,7 @@ class Deployment:
             out: dict[str, str | None] = {}
             for bot_id in bot_ids:
                 value = client.get(f"{self.keyspace.prefix}:{{{bot_id}}}:lease:{GROUP}")
-                out[bot_id] = value.decode() if value else None
+                out[bot_id] = value.decode() if isinstance(value, bytes) else value
             return out
         finally:
             client.close()
@@ -368,9 +368,9 @@ class Deployment:
     def stop(self) -> None:
         """Stop everything started here, by PID; safe to call twice."""
         for proc in self.bot_procs:
-            terminate(proc, 10)  # type: ignore[arg-type]
+            terminate(proc, 10)
         for worker in self.workers.values():
-            terminate(worker.proc, 10)  # type: ignore[arg-type]
+            terminate(worker.proc, 10)
         for replica in self.replicas.values():
             with contextlib.suppress(Exception):
                 replica.proc.stop()

@@ -448,7 +448,7 @@ class Ledger:
         outage_s = max(down) - min(down)
         # A replica takes about a third of the bots; each sends ~55 frames/s of ~2 KB.
         rate = len(self.d.plan.meetings) / 3 * 55 * 2000
-        return outage_s * rate >= buffer_bytes * 0.9
+        return bool(outage_s * rate >= buffer_bytes * 0.9)
 
     # -- bot chat messages (bot -> worker) -------------------------------------------
 
@@ -808,7 +808,7 @@ class Ledger:
                     frames=len(missing),
                     first_idx=first,
                     first_sent_at_s=self.rel(self.d.bots[bot]["frame_t"][first]),
-                    last_stint=(self.report_stints.get(bot) or [None])[-1],
+                    last_stint=self.report_stints[bot][-1] if self.report_stints.get(bot) else None,
                 )
             repeats += sum(c - 1 for c in counts.values() if c > 1)
         # Coverage: the longest stretch a bot's frames waited for a worker, per phase.
@@ -878,12 +878,12 @@ class Ledger:
         def first_stored_after(bot: str, t: float) -> float | None:
             for ms in stored_ms.get(bot, []):
                 if ms / 1000 > t:
-                    return ms / 1000
+                    return float(ms / 1000)
             return None
 
         def alive(bot: str, t: float) -> bool:
             rec = self.d.bots[bot]
-            return rec["join"] <= t and rec["leave"] > t + 3.0
+            return bool(rec["join"] <= t and rec["leave"] > t + 3.0)
 
         # Gateway SIGKILL: its bots reconnect elsewhere and are stored again.
         f = self.fault.get("gateway_kill")
@@ -922,7 +922,8 @@ class Ledger:
         f = self.fault.get("redis_primary_kill")
         if f:
             victims = set(f.get("bots_on_victim", []))
-            on, off = [], []
+            on: list[float] = []
+            off: list[float] = []
             never = []
             for bot in self.d.bots:
                 if not alive(bot, f["at"]):
@@ -1002,12 +1003,10 @@ class Ledger:
             for m in self.d.plan.meetings:
                 if not m.burst:
                     continue
-                rec = self.d.bots.get(m.bot_id)
-                if rec is None:
-                    continue
-                t = first_stored_after(m.bot_id, rec["join"])
-                if t is not None:
-                    ready.append(t - rec["join"])
+                joined = self.d.bots.get(m.bot_id, {}).get("join")
+                t = first_stored_after(m.bot_id, joined) if joined is not None else None
+                if joined is not None and t is not None:
+                    ready.append(t - joined)
             heal["burst_join"] = {"bots": len(ready), "join_to_first_frame_stored_s": summary(ready)}
         self.report["healing"] = heal
         self._check_heal_bounds(heal)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
@@ -42,9 +43,17 @@ def cluster() -> Iterator[RedisClusterProcesses]:
 async def announce(client: RedisCluster, keys: KeySpace, bot_id: str) -> None:
     """What a gateway writes when a bot's channel connects."""
     bot = keys.bot(bot_id)
-    fields = {"type": "connected", "bot_id": bot_id, "channel": "control", "ts": int(time.time() * 1000)}
-    await client.xadd(bot.events, {**fields, "conn": "c1", "gateway": "gw", **bot.as_fields()})
-    await client.xadd(keys.global_events, {**fields, "conn": "c1", "gateway": "gw", **bot.as_fields()})
+    fields: dict[Any, Any] = {
+        "type": "connected",
+        "bot_id": bot_id,
+        "channel": "control",
+        "ts": int(time.time() * 1000),
+        "conn": "c1",
+        "gateway": "gw",
+        **bot.as_fields(),
+    }
+    await client.xadd(bot.events, fields)
+    await client.xadd(keys.global_events, fields)
 
 
 @pytest.mark.xfail(strict=True, reason="workers/worker.py _discovery_loop never reconnects after a failover")
