@@ -8,7 +8,10 @@ both single-key and Cluster-safe::
     {prefix}:workers:{group}:bots    hash bot_id -> commands_key: the group's live bots
 
 The lease carries the bot's own hash tag, so it lives in the slot of the bot's
-audio and events streams.
+audio and events streams. Two more keys per group, one each (``docs/PROTOCOL.md``)::
+
+    {prefix}:workers:{group}:instances   sorted set: the live members, for balance
+    {prefix}:workers:{group}:journal     stream: who took and let go which bot, when
 """
 
 from __future__ import annotations
@@ -55,3 +58,11 @@ def lease_key(prefix: str, bot_id: str, group: str) -> str:
 
 def registry_key(prefix: str, group: str) -> str:
     return f"{prefix}:workers:{group}:bots"
+
+
+def members_key(prefix: str, group: str) -> str:
+    return f"{prefix}:workers:{group}:instances"
+
+
+def journal_key(prefix: str, group: str) -> str:
+    return f"{prefix}:workers:{group}:journal"

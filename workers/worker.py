@@ -1,9 +1,10 @@
 """The Worker: discovers bots, owns each through a lease, runs handlers per bot.
 
-Design (the why is in ``docs/WORKERS.md``)::
+Design (the contract is ``docs/PROTOCOL.md``, "Sharing bots among worker
+instances"; the SDK's choices are in ``docs/WORKERS.md``)::
 
     meetstream:events ──XREAD (every instance)──► registry hash {prefix}:workers:{group}:bots
-                                                      │ claim loop: SET lease NX PX (one winner)
+                                                      │ claim round: SET lease NX PX (one winner)
                                                       ▼
     {BOT}:events + {BOT}:audio ──XREADGROUP group=<worker group>, consumer=<instance>──► handlers
                                   XACK after the handlers ran; a new owner XAUTOCLAIMs the rest
@@ -11,6 +12,9 @@ Design (the why is in ``docs/WORKERS.md``)::
 * Ownership is a lease key per bot and group, renewed every ``lease_renew_s``.
   An instance stops dispatching a bot as soon as its lease *might* have
   expired by its own clock, so two instances never run one bot's handlers at once.
+* A free bot is taken at once by an instance below its fair share of the group
+  (:mod:`workers.ownership`), so a crashed instance's bots move within
+  ``lease_ttl_s + claim_interval_s``; balance comes from hand-backs afterwards.
 * The resume position is the bot's consumer group: entries are acknowledged
   only after the handlers returned, so a new owner claims what the dead one
   had read but not finished, and reads on from there: nothing is skipped.
@@ -35,8 +39,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
+from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError, ResponseError
 
+from gateway.probes import ProbeServer
+from workers import commands, ownership
 from workers.audio import AudioFrame
 from workers.bot import Bot, Event
 from workers.connections import Connections, RedisSettings, connect, redact_url
@@ -48,9 +55,12 @@ from workers.constants import (
     bot_events_key,
     check_group,
     global_events_key,
+    journal_key,
     lease_key,
+    members_key,
     registry_key,
 )
+from workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +70,25 @@ StartHandler = Callable[[Bot], Awaitable[None] | None]
 StopHandler = Callable[[Bot, str], Awaitable[None] | None]
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Compare-and-act on a lease: only the holder may extend or drop it.
-_RENEW = (
-    "if redis.call('get', KEYS[1]) == ARGV[1] then "
-    "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
-)
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-
 _START_EVENTS = (b"connected", b"ready", b"audio_handshake")
 
 #: Why an instance stopped handling a bot (passed to ``on_bot_stop`` handlers).
 STOP_REASONS = ("session_ended", "released", "lease_lost", "expired", "error")
+
+#: Settings ``from_env`` reads, by field name.
+ENV_SETTINGS = {
+    "redis_url": "MEETSTREAM_REDIS_URL",
+    "key_prefix": "MEETSTREAM_KEY_PREFIX",
+    "group": "MEETSTREAM_WORKER_GROUP",
+    "bot_name": "MEETSTREAM_BOT_NAME",
+    "instance_id": "MEETSTREAM_WORKER_INSTANCE",
+    "lease_ttl_s": "MEETSTREAM_LEASE_TTL_S",
+    "lease_renew_s": "MEETSTREAM_LEASE_RENEW_S",
+    "claim_interval_s": "MEETSTREAM_CLAIM_INTERVAL_S",
+    "metrics_host": "MEETSTREAM_WORKER_METRICS_HOST",
+    "metrics_port": "MEETSTREAM_WORKER_METRICS_PORT",
+    "conformance": "MEETSTREAM_CONFORMANCE",
+}
 
 
 @dataclass(frozen=True)
@@ -92,8 +110,8 @@ class WorkerSettings:
     lease_ttl_s: float = 5.0
     lease_renew_s: float = 1.0
     claim_interval_s: float = 0.5
-    #: A free bot waits this long per bot already owned before we take it: the least loaded instance wins.
-    balance_step_s: float = 0.2
+    #: Above its fair share, an instance hands one bot back per this many seconds (0: never).
+    balance_step_s: float = 0.5
     max_bots: int = 1000
     read_count: int = 64
     read_block_ms: int = 1000
@@ -103,6 +121,14 @@ class WorkerSettings:
     bootstrap_lookback_s: float = 3600.0
     command_maxlen: int = 1000
     say_chunk_s: float = 2.0
+    #: ``/metrics`` and ``/healthz`` on this port (0: no server); Prometheus scrapes it.
+    metrics_port: int = 0
+    metrics_host: str = "0.0.0.0"
+    #: Seconds between two measurements of how far owned bots' streams are ahead of us.
+    lag_sample_s: float = 5.0
+    #: The conformance kit's mode (``python -m workers.conformance``): journal every
+    #: frame handled and answer ``{"type": "ping", "id": ...}`` messages with ``pong:ID``.
+    conformance: bool = False
 
     def __post_init__(self) -> None:
         check_group(self.group)
@@ -112,6 +138,8 @@ class WorkerSettings:
             )
         if self.lease_renew_s * 2 >= self.lease_ttl_s:
             raise ValueError("lease_renew_s must be under half of lease_ttl_s")
+        if self.claim_interval_s <= 0:
+            raise ValueError("claim_interval_s must be positive")
 
     def __repr__(self) -> str:
         shown = ", ".join(
@@ -123,17 +151,31 @@ class WorkerSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
+        """Settings from ``MEETSTREAM_*`` variables (:data:`ENV_SETTINGS`); ``overrides`` win.
+
+        A lease TTL given without a renewal period, too short for the default one,
+        renews at a fifth of it.
+        """
         env = os.environ if environ is None else environ
+        kinds = {f.name: f.type for f in fields(cls)}
         values: dict[str, Any] = {}
-        for name, var in (
-            ("redis_url", "MEETSTREAM_REDIS_URL"),
-            ("key_prefix", "MEETSTREAM_KEY_PREFIX"),
-            ("group", "MEETSTREAM_WORKER_GROUP"),
-            ("bot_name", "MEETSTREAM_BOT_NAME"),
-        ):
-            if env.get(var):
-                values[name] = env[var]
+        for name, var in ENV_SETTINGS.items():
+            raw = env.get(var)
+            if not raw:
+                continue
+            kind = kinds[name]
+            if kind == "bool":
+                values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif kind == "float":
+                values[name] = float(raw)
+            elif kind == "int":
+                values[name] = int(raw)
+            else:
+                values[name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
+        ttl = values.get("lease_ttl_s")
+        if ttl is not None and "lease_renew_s" not in values and cls.lease_renew_s * 2 >= ttl:
+            values["lease_renew_s"] = ttl / 5
         return cls(**values)
 
 
@@ -153,6 +195,8 @@ class WorkerStats:
     handler_timeouts: int = 0
     max_bots_hit: int = 0
     redis_errors: int = 0
+    takeovers: int = 0  # bots taken that an instance of the group had handled before
+    bots_handed_over: int = 0  # handed back to balance the group
 
 
 def _s(value: bytes | str) -> str:
@@ -176,10 +220,18 @@ class Worker:
     which calls :meth:`stop` itself.
     """
 
-    def __init__(self, settings: WorkerSettings | None = None, *, handle_signals: bool = True) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings | None = None,
+        *,
+        handle_signals: bool = True,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.settings = settings or WorkerSettings.from_env()
         self.handle_signals = handle_signals
         self.stats = WorkerStats()
+        #: Prometheus metrics, in ``registry`` (default: one of this worker's own).
+        self.metrics = WorkerMetrics(self.settings.group, STOP_REASONS, registry or CollectorRegistry())
         self._event_handlers: dict[str, list[EventHandler]] = defaultdict(list)
         self._audio_handlers: list[AudioHandler] = []
         self._start_handlers: list[StartHandler] = []
@@ -194,7 +246,15 @@ class Worker:
         self._stopping = False
         self._stopped = False
         self._stop_lock = asyncio.Lock()
-        self._registry = registry_key(self.settings.key_prefix, self.settings.group)
+        s = self.settings
+        self._registry = registry_key(s.key_prefix, s.group)
+        self._members_key = members_key(s.key_prefix, s.group)
+        self._journal_key = journal_key(s.key_prefix, s.group)
+        self._member_ttl_ms = ownership.member_ttl_ms(s.lease_ttl_s, s.lease_renew_s)
+        self._members: list[str] = [s.instance_id]
+        self._shed_until: dict[str, float] = {}  # bots we handed back: not ours to take again yet
+        self._last_shed = 0.0
+        self._probes: ProbeServer | None = None
 
     # -- registration ---------------------------------------------------------
 
@@ -259,12 +319,31 @@ class Worker:
     async def start(self) -> None:
         s = self.settings
         log.info("worker starting", extra={"settings": repr(s)})
+        if s.metrics_port:
+            self._probes = ProbeServer(
+                s.metrics_host, s.metrics_port, self.metrics.registry, lambda: not self._stopping
+            )
+            await self._probes.start()
         self._conns = await connect(RedisSettings(s.redis_url, s.redis_cluster))  # type: ignore[arg-type]
+        # Join the member set before the first claim round: the others' fair share counts us.
+        await self._heartbeat()
+        await self._journal(
+            "hello",
+            lease_ttl_ms=int(s.lease_ttl_s * 1000),
+            claim_interval_ms=int(s.claim_interval_s * 1000),
+            impl="python-sdk",
+        )
         self._tasks = [
             asyncio.create_task(self._discovery_loop(), name="worker-discovery"),
             asyncio.create_task(self._claim_loop(), name="worker-claim"),
             asyncio.create_task(self._renew_loop(), name="worker-renew"),
+            asyncio.create_task(self._lag_loop(), name="worker-lag"),
         ]
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port ``/metrics`` is served on, or None when ``metrics_port`` is 0 (no server)."""
+        return self._probes.port if self._probes is not None else None
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -294,6 +373,11 @@ class Worker:
             self._stopped = True
             self._stopping = True
             self._wake.set()
+            # Leave the member set first: the others' fair share grows by our bots, so they
+            # take each one at once when we hand it back below.
+            with contextlib.suppress(RedisError, OSError):
+                if self._conns is not None:
+                    await self._conns.client.zrem(self._members_key, self.settings.instance_id)
             # No blocked Redis read is cancelled: redis-py can take its socket
             # timeout to give such a connection up. Loops see the flag within one
             # ``read_block_ms`` instead, and only what overstays is cancelled.
@@ -317,9 +401,13 @@ class Worker:
             # Shielded: a second signal must not leave leases behind for others to wait out.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._release([r.bot.bot_id for r in runners]))
+            with contextlib.suppress(Exception):
+                await self._journal("bye", handed_back=len(runners))
             if self._conns is not None:
                 with contextlib.suppress(Exception):
                     await self._conns.close()
+            if self._probes is not None:
+                await self._probes.stop()
             log.info(
                 "worker stopped",
                 extra={
@@ -357,6 +445,7 @@ class Worker:
                         self._wake.set()
                 except (RedisError, OSError) as exc:
                     self.stats.redis_errors += 1
+                    self.metrics.redis_errors.inc()
                     log.warning("discovery read failed, retrying", extra={"error": repr(exc)})
                     await asyncio.sleep(1.0)
         finally:
@@ -394,62 +483,140 @@ class Worker:
                 await self._claim_round()
             except (RedisError, OSError) as exc:
                 self.stats.redis_errors += 1
+                self.metrics.redis_errors.inc()
                 log.warning("claim round failed", extra={"error": repr(exc)})
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.claim_interval_s)
 
+    async def _heartbeat(self, join: bool = True) -> list[str]:
+        """Stay in the member set (or only read it) and return the live members."""
+        assert self._conns is not None
+        ttl = self._member_ttl_ms if join and not self._stopping else 0
+        members = await self._conns.client.eval(
+            ownership.HEARTBEAT, 1, self._members_key, self.settings.instance_id, ttl
+        )
+        self._members = sorted({_s(m) for m in members} | ({self.settings.instance_id} if ttl else set()))
+        self.metrics.members.set(len(self._members))
+        return self._members
+
+    async def _journal(self, kind: str, **fields: str | int) -> None:
+        """One ownership record on the group's journal stream (docs/PROTOCOL.md)."""
+        assert self._conns is not None
+        await self._conns.client.xadd(
+            self._journal_key,
+            ownership.journal_fields(kind, self.settings.instance_id, **fields),
+            maxlen=ownership.JOURNAL_MAXLEN,
+            approximate=True,
+        )
+
     async def _claim_round(self) -> None:
+        """Take the free bots that are ours to take, then hand one back if we hold too many.
+
+        Every round is one member-set heartbeat, one HGETALL, a GET per bot we do not
+        own, and SET NX for what we take (again, further down the list, for lost races).
+        """
         assert self._conns is not None
         s, client = self.settings, self._conns.client
+        members = await self._heartbeat()
         registry = {_s(k): _s(v) for k, v in (await client.hgetall(self._registry)).items()}
+        self.metrics.bots_known.set(len(registry))
+        now = time.monotonic()
+        for bot_id, until in list(self._shed_until.items()):
+            if until <= now:
+                del self._shed_until[bot_id]
         candidates = [b for b in registry if b not in self._runners]
         for gone in set(self._free_since) - set(candidates):
             del self._free_since[gone]
-        if not candidates:
-            return
-        pipe = client.pipeline(transaction=False)
-        for bot_id in candidates:
-            pipe.exists(lease_key(s.key_prefix, bot_id, s.group))
-        held = await pipe.execute()
-        now = time.monotonic()
-        free = []
-        for bot_id, exists in zip(candidates, held, strict=True):
-            if exists:
-                self._free_since.pop(bot_id, None)
-            else:
-                free.append(bot_id)
-                self._free_since.setdefault(bot_id, now)
-        free.sort(key=lambda b: self._free_since[b])
-        owned = len(self._runners)
-        take: list[str] = []
-        for bot_id in free:
-            if owned + len(take) >= s.max_bots:
-                self.stats.max_bots_hit += 1
-                log.warning(
-                    "max_bots reached, leaving free bots to other instances",
-                    extra={"max_bots": s.max_bots, "free": len(free) - len(take)},
-                )
-                break
-            if now - self._free_since[bot_id] >= (owned + len(take)) * s.balance_step_s:
-                take.append(bot_id)
-        if not take or self._stopping:
-            return
-        sent = time.monotonic()
-        pipe = client.pipeline(transaction=False)
-        for bot_id in take:
-            pipe.set(
-                lease_key(s.key_prefix, bot_id, s.group), s.instance_id, nx=True, px=int(s.lease_ttl_s * 1000)
+        held: dict[str, int] = defaultdict(int)
+        held[s.instance_id] = len(self._runners)
+        free: dict[str, float] = {}
+        if candidates:
+            pipe = client.pipeline(transaction=False)
+            for bot_id in candidates:
+                pipe.get(lease_key(s.key_prefix, bot_id, s.group))
+            for bot_id, holder in zip(candidates, await pipe.execute(), strict=True):
+                if holder is not None:
+                    held[_s(holder)] += 1
+                    self._free_since.pop(bot_id, None)
+                elif bot_id not in self._shed_until:
+                    free[bot_id] = now - self._free_since.setdefault(bot_id, now)
+        if free and not self._stopping:
+            await self._take(free, registry, members)
+        self._maybe_shed(len(registry), members, held)
+
+    async def _take(self, free: dict[str, float], registry: dict[str, str], members: list[str]) -> None:
+        assert self._conns is not None
+        s, client = self.settings, self._conns.client
+        plan = ownership.plan_claims(
+            free,
+            owned=len(self._runners),
+            bots=len(registry),
+            members=len(members),
+            max_bots=s.max_bots,
+            claim_interval_s=s.claim_interval_s,
+            instance_id=s.instance_id,
+        )
+        if plan.room == 0:
+            self.stats.max_bots_hit += 1
+            self.metrics.max_bots_hit.inc()
+            log.warning(
+                "max_bots reached, leaving free bots to other instances",
+                extra={"max_bots": s.max_bots, "free": len(free)},
             )
-        for bot_id, won in zip(take, await pipe.execute(), strict=True):
-            self._free_since.pop(bot_id, None)
-            if won and not self._stopping:
-                self._start_runner(bot_id, registry[bot_id], sent + s.lease_ttl_s * 0.8)
+            return
+        tried = won = tried_fresh = won_fresh = 0
+        overdue = set(plan.overdue)
+        while not self._stopping:
+            batch = ownership.next_batch(plan, tried, won, won_fresh, tried_fresh)
+            if not batch:
+                return
+            sent = time.monotonic()
+            pipe = client.pipeline(transaction=False)
+            for bot_id in batch:
+                pipe.set(
+                    lease_key(s.key_prefix, bot_id, s.group),
+                    s.instance_id,
+                    nx=True,
+                    px=int(s.lease_ttl_s * 1000),
+                )
+            for bot_id, got in zip(batch, await pipe.execute(), strict=True):
+                self._free_since.pop(bot_id, None)
+                if bot_id in overdue:
+                    tried += 1
+                    won += bool(got)
+                else:
+                    tried_fresh += 1
+                    won_fresh += bool(got)
+                if got and not self._stopping:
+                    self._start_runner(bot_id, registry[bot_id], sent + s.lease_ttl_s * 0.8)
+
+    def _maybe_shed(self, bots: int, members: list[str], held: Mapping[str, int]) -> None:
+        """Hand one bot back if we hold more than our share and someone holds two fewer."""
+        s = self.settings
+        now = time.monotonic()
+        if self._stopping or s.balance_step_s <= 0 or now - self._last_shed < s.balance_step_s:
+            return
+        running = [r for r in self._runners.values() if r.stop_reason is None]
+        if not ownership.should_shed(len(running), bots, members, held, s.instance_id):
+            return
+        runner = max(running, key=lambda r: r.started_at)  # the newest: least state to hand over
+        self._last_shed = now
+        self._shed_until[runner.bot.bot_id] = now + s.lease_ttl_s
+        self.stats.bots_handed_over += 1
+        self.metrics.bots_shed.inc()
+        log.info(
+            "handing a bot back to balance the group",
+            extra={"bot_id": runner.bot.bot_id, "owned": len(running), "members": len(members)},
+        )
+        runner.request_stop("released")
 
     def _start_runner(self, bot_id: str, commands_key: str, valid_until: float) -> None:
         runner = _BotRunner(self, bot_id, commands_key, valid_until)
         self._runners[bot_id] = runner
         self.stats.bots_started += 1
+        self.metrics.bots_started.inc()
+        self.metrics.bots_owned.set(len(self._runners))
         runner.task = asyncio.create_task(runner.run(), name=f"bot-{bot_id}")
         log.info("bot taken", extra={"bot_id": bot_id, "instance": self.instance_id})
 
@@ -465,12 +632,13 @@ class Worker:
             try:
                 pipe = self._conns.client.pipeline(transaction=False)
                 for r in runners:
-                    pipe.eval(_RENEW, 1, r.lease, s.instance_id, int(s.lease_ttl_s * 1000))
+                    pipe.eval(ownership.RENEW, 1, r.lease, s.instance_id, int(s.lease_ttl_s * 1000))
                     pipe.exists(r.events_key)
                 results = await pipe.execute()
             except (RedisError, OSError) as exc:
                 # Runners stop by themselves once their local validity runs out.
                 self.stats.redis_errors += 1
+                self.metrics.redis_errors.inc()
                 log.warning("lease renewal failed", extra={"error": repr(exc), "bots": len(runners)})
                 continue
             for i, r in enumerate(runners):
@@ -490,14 +658,49 @@ class Worker:
         s = self.settings
         pipe = self._conns.client.pipeline(transaction=False)
         for bot_id in bot_ids:
-            pipe.eval(_RELEASE, 1, lease_key(s.key_prefix, bot_id, s.group), s.instance_id)
+            pipe.eval(ownership.RELEASE, 1, lease_key(s.key_prefix, bot_id, s.group), s.instance_id)
         await pipe.execute()
 
     def _runner_done(self, runner: _BotRunner, reason: str) -> None:
         if self._runners.get(runner.bot.bot_id) is runner:
             del self._runners[runner.bot.bot_id]
         self.stats.bots_stopped[reason] += 1
+        self.metrics.bots_stopped[reason].inc()
+        self.metrics.bots_owned.set(len(self._runners))
         self._wake.set()
+
+    async def _lag_loop(self) -> None:
+        """Every ``lag_sample_s``: how far the owned bots' streams are ahead of what we handled.
+
+        Only bots whose last read came back full can be behind (a short read took
+        everything there was), so a group that keeps up costs no Redis call here.
+        """
+        s = self.settings
+        while not self._renew_stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._renew_stop.wait(), s.lag_sample_s)
+            behind = [r for r in self._runners.values() if r.behind and r.stop_reason is None]
+            entries, seconds = 0, {"audio": 0.0, "events": 0.0}
+            if behind and self._conns is not None:
+                try:
+                    pipe = self._conns.client.pipeline(transaction=False)
+                    for r in behind:
+                        pipe.xrevrange(r.audio_key, count=1)
+                        pipe.xrevrange(r.events_key, count=1)
+                    heads = await pipe.execute()
+                except (RedisError, OSError) as exc:
+                    self.stats.redis_errors += 1
+                    self.metrics.redis_errors.inc()
+                    log.warning("lag sample failed", extra={"error": repr(exc)})
+                    continue
+                for i, r in enumerate(behind):
+                    n, audio_s, events_s = r.lag(heads[2 * i], heads[2 * i + 1])
+                    entries = max(entries, n)
+                    seconds["audio"] = max(seconds["audio"], audio_s)
+                    seconds["events"] = max(seconds["events"], events_s)
+            self.metrics.lag_entries.set(entries)
+            for stream, value in seconds.items():
+                self.metrics.lag_seconds[stream].set(value)
 
     # -- dispatch -------------------------------------------------------------
 
@@ -507,6 +710,7 @@ class Worker:
                 await _maybe_await(fn(bot, *args))
         except TimeoutError:
             self.stats.handler_timeouts += 1
+            self.metrics.handler_failures["timeout"].inc()
             log.error(
                 "handler timed out",
                 extra={
@@ -519,6 +723,7 @@ class Worker:
             # The entry is still acknowledged: a handler that always fails on it
             # must not stop the bot's stream forever.
             self.stats.handler_errors += 1
+            self.metrics.handler_failures["error"].inc()
             log.exception("handler failed", extra={"bot_id": bot.bot_id, "handler": fn.__qualname__})
 
 
@@ -550,10 +755,16 @@ class _BotRunner:
         self.task: asyncio.Task[None] | None = None
         self.reading = False
         self.stop_reason: str | None = None
+        self.started_at = time.monotonic()
+        #: The last read of a stream came back full: we may be behind its head.
+        self.behind = False
         self._groups: set[str] = set()
         self._last_seq: dict[str, int] = {}
+        self._last_frame: tuple[str, int, int] | None = None  # conn, seq, entry ms
+        self._last_event_ms = 0
         self._held: dict[str, list[tuple[str, dict[str, str] | dict[str, bytes]]]] = {}
         self._ended = False
+        self._records: list[dict[str, str]] = []  # journal records to write before the XACK
 
     def request_stop(self, reason: str) -> None:
         # The run loop sees this within one read_block_ms. (Were it cancelled in a
@@ -562,6 +773,22 @@ class _BotRunner:
         if self.stop_reason is None:
             self.stop_reason = reason
 
+    def lag(self, audio_head: list[Any], events_head: list[Any]) -> tuple[int, float, float]:
+        """How far the streams' heads (``XREVRANGE ... COUNT 1`` replies) are ahead of us:
+        audio entries (by ``seq``; a head of a newer connection counts its ``seq`` + 1,
+        a lower bound), and seconds of entry time on each stream."""
+        entries, audio_s, events_s = 0, 0.0, 0.0
+        if audio_head and self._last_frame is not None:
+            head_id, raw = audio_head[0]
+            conn, seq, ms = self._last_frame
+            head_seq = int(raw.get(b"seq", b"0"))
+            same = _s(raw.get(b"conn", b"")) == conn
+            entries = max(0, head_seq - seq) if same else head_seq + 1
+            audio_s = max(0.0, (_id_key(_s(head_id))[0] - ms) / 1000)
+        if events_head and self._last_event_ms:
+            events_s = max(0.0, (_id_key(_s(events_head[0][0]))[0] - self._last_event_ms) / 1000)
+        return entries, audio_s, events_s
+
     async def run(self) -> None:
         w = self.worker
         s = w.settings
@@ -569,6 +796,8 @@ class _BotRunner:
         client = await w._conns.dedicated(self.events_key, s.read_block_ms)
         reason = "released"
         try:
+            # Before anything of the bot is handled: the journal shows who handled it when.
+            await w._journal("start", bot_id=self.bot.bot_id)
             for fn in w._start_handlers:
                 await w._call(fn, self.bot)
             await self._ensure_groups(client)
@@ -576,6 +805,9 @@ class _BotRunner:
                 self.stop_reason = "expired"  # its keys are gone: the bot left long ago
             if self.stop_reason is None:
                 await self._claim_pending(client)
+            if self.bot.taken_over:
+                w.stats.takeovers += 1
+                w.metrics.takeovers.inc()
             while self.stop_reason is None:
                 if time.monotonic() > self.valid_until:
                     self.stop_reason = "lease_lost"
@@ -597,9 +829,9 @@ class _BotRunner:
                 if self._ended and not any(batches.values()) and not any(self._held.values()):
                     self.stop_reason = "session_ended"
                     break
-                await self._process(
-                    client, batches, full={k: len(v) >= s.read_count for k, v in batches.items()}
-                )
+                full = {k: len(v) >= s.read_count for k, v in batches.items()}
+                self.behind = any(full.values())
+                await self._process(client, batches, full=full)
             reason = self.stop_reason or "released"
         except asyncio.CancelledError:
             reason = self.stop_reason or "released"
@@ -607,6 +839,7 @@ class _BotRunner:
                 raise
         except (RedisError, OSError) as exc:
             w.stats.redis_errors += 1
+            w.metrics.redis_errors.inc()
             reason = "error"
             log.warning(
                 "bot stream failed; releasing it", extra={"bot_id": self.bot.bot_id, "error": repr(exc)}
@@ -621,6 +854,9 @@ class _BotRunner:
         with contextlib.suppress(RedisError, OSError):
             if reason in ("session_ended", "expired"):
                 await self._forget(client)
+            # Before the release: the next owner's ``start`` comes after this in the journal.
+            await w._journal("stop", bot_id=self.bot.bot_id, reason=reason)
+        with contextlib.suppress(RedisError, OSError):
             if reason != "lease_lost":
                 await w._release([self.bot.bot_id])
         await client.aclose()
@@ -679,6 +915,7 @@ class _BotRunner:
         n = sum(len(v) for v in claimed.values())
         if n:
             self.worker.stats.entries_claimed += n
+            self.worker.metrics.entries_claimed.inc(n)
             self.bot.taken_over = True
             log.info("claimed unacknowledged entries", extra={"bot_id": self.bot.bot_id, "entries": n})
             await self._process(client, claimed, full={})
@@ -712,17 +949,29 @@ class _BotRunner:
                 self._held.clear()
                 self.stop_reason = "lease_lost"
                 break
+            stream = "events" if key == self.events_key else "audio"
+            began = time.perf_counter()
             if key == self.events_key:
                 await self._dispatch_event(eid, raw)
             else:
                 await self._dispatch_audio(eid, raw)
+            metrics = self.worker.metrics
+            metrics.handler_seconds[stream].observe(time.perf_counter() - began)
+            metrics.entries[stream].inc()
             done[key].append(eid)
+        if not any(done.values()):
+            return
+        w = self.worker
         pipe = client.pipeline(transaction=False)
+        # Records first: a record may then be written for an entry that comes again
+        # (handled twice), never an entry acknowledged without its record.
+        for record in self._records:
+            pipe.xadd(w._journal_key, record, maxlen=ownership.JOURNAL_MAXLEN, approximate=True)
+        self._records.clear()
         for key, ids in done.items():
             if ids:
-                pipe.xack(key, self.worker.settings.group, *ids)
-        if any(done.values()):
-            await pipe.execute()
+                pipe.xack(key, w.settings.group, *ids)
+        await pipe.execute()
 
     def _order(self, key: str, entry_id: str, raw: Mapping[bytes, bytes]) -> tuple[int, int, int]:
         """Sort key across the two streams. Entry ids are times only to the millisecond
@@ -738,6 +987,7 @@ class _BotRunner:
         f = {_s(k): _s(v) for k, v in raw.items()}
         event = Event(f.get("type", ""), bot.bot_id, f, entry_id)
         self._last_event_id = entry_id
+        self._last_event_ms = _id_key(entry_id)[0]
         w.stats.events += 1
         t = event.type
         if t == "connected":
@@ -758,8 +1008,16 @@ class _BotRunner:
             self._ended = True
         elif t in PLAYBACK_EVENTS:
             bot.note_playback(event)
+        elif t == "message" and w.settings.conformance:
+            await self._answer_ping(event)
         for fn in (*w._event_handlers.get(t, ()), *w._event_handlers.get("*", ())):
             await w._call(fn, bot, event)
+
+    async def _answer_ping(self, event: Event) -> None:
+        """Conformance mode: ``{"type": "ping", "id": ID}`` from the bot is answered ``pong:ID``."""
+        data = event.data or {}
+        if data.get("type") == "ping" and isinstance(data.get("id"), str):
+            await self.bot.send(commands.sendmsg(f"pong:{data['id']}"))
 
     async def _dispatch_audio(self, entry_id: str, raw: dict[bytes, bytes]) -> None:
         w, bot = self.worker, self.bot
@@ -776,10 +1034,23 @@ class _BotRunner:
             entry_id=entry_id,
         )
         w.stats.frames += 1
+        self._last_frame = (frame.conn, frame.seq, _id_key(entry_id)[0])
+        if w.settings.conformance:
+            self._records.append(
+                ownership.journal_fields(
+                    "frame",
+                    w.settings.instance_id,
+                    bot_id=bot.bot_id,
+                    conn=frame.conn,
+                    seq=frame.seq,
+                    entry_id=entry_id,
+                )
+            )
         last = self._last_seq.get(frame.conn)
         if last is not None:
             if frame.seq > last + 1:
                 w.stats.seq_gaps += frame.seq - last - 1
+                w.metrics.seq_gaps.inc(frame.seq - last - 1)
                 log.warning(
                     "audio frames missing",
                     extra={
@@ -791,9 +1062,11 @@ class _BotRunner:
                 )
             elif frame.seq <= last:
                 w.stats.seq_repeats += 1
+                w.metrics.seq_repeats.inc()
         self._last_seq[frame.conn] = max(frame.seq, last if last is not None else -1)
         if w.settings.exclude_own_voice and bot.name and frame.speaker_name == bot.name:
             w.stats.own_voice_skipped += 1
+            w.metrics.own_voice_skipped.inc()
             return
         for fn in w._audio_handlers:
             await w._call(fn, bot, frame)

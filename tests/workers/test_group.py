@@ -1,0 +1,160 @@
+"""A worker group in one process: discovery of bots that came first, balance by hand-back,
+the journal, the member set, settings from the environment and the metrics endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections import Counter
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.embedded_redis import free_port
+from gateway.testing.bot import SimulatedBot, Speaker
+from tests.conftest import ws_url
+from tests.workers.conftest import eventually, running
+from workers import AudioFrame, Bot, Worker, WorkerSettings
+
+
+async def test_bots_connected_before_the_group_started_are_found(gateway, worker_settings):
+    """1. two bots connect and stream 1 s; 2. only then the group's first instance starts;
+    3. it owns both and handles every frame from seq 0 (discovery read back the global
+    stream, never from ``$``)."""
+    bots = [await SimulatedBot(ws_url(gateway), f"early_{i}").connect() for i in range(2)]
+    try:
+        for b in bots:
+            await b.stream_speech([Speaker("s1", "Ada")], 1.0, realtime=False)
+        worker = Worker(worker_settings(), handle_signals=False)
+        seen: dict[str, list[int]] = {}
+        worker.on_audio(lambda bot, frame: seen.setdefault(bot.bot_id, []).append(frame.seq))
+        async with running(worker):
+            await eventually(lambda: sorted(worker.bots) == ["early_0", "early_1"], what="both owned")
+            await eventually(lambda: all(len(seen.get(b.bot_id, [])) == 10 for b in bots), what="frames")
+        assert seen == {"early_0": list(range(10)), "early_1": list(range(10))}
+    finally:
+        for b in bots:
+            await b.close()
+
+
+async def test_a_new_instance_gets_its_share_by_hand_back_with_nothing_skipped_or_repeated(
+    gateway, worker_settings, redis_client
+):
+    """1. instance a owns four streaming bots alone; 2. b joins: a hands two back, one per
+    balance step, and b takes them at once; 3. every frame was handled exactly once (a clean
+    hand-back acknowledges what it handled); 4. the journal shows each hand-back as a ``stop``
+    (released) before the other's ``start``."""
+    handled: Counter[tuple[str, str, int]] = Counter()
+
+    def build() -> Worker:
+        w = Worker(worker_settings(balance_step_s=0.3), handle_signals=False)
+
+        @w.on_audio
+        async def note(bot: Bot, frame: AudioFrame) -> None:
+            handled[(bot.bot_id, frame.conn, frame.seq)] += 1
+
+        return w
+
+    a, b = build(), build()
+    ids = [f"bal_{i}" for i in range(4)]
+    bots = [await SimulatedBot(ws_url(gateway), i, record_sent=False).connect() for i in ids]
+    streaming = [asyncio.create_task(x.stream_speech([Speaker("s1", "Ada")], 5.0)) for x in bots]
+    try:
+        async with running(a):
+            await eventually(lambda: sorted(a.bots) == ids, what="a owns all four")
+            async with running(b):
+                await eventually(lambda: len(a.bots) == len(b.bots) == 2, timeout_s=8, what="2 and 2")
+                assert a.stats.bots_handed_over == 2 and b.stats.bots_handed_over == 0
+                await asyncio.gather(*streaming)
+                await eventually(lambda: len(handled) == 4 * 50, timeout_s=10, what="every frame")
+    finally:
+        for x in bots:
+            await x.close()
+    assert set(handled.values()) == {1}, "a frame was handled twice across a clean hand-back"
+    journal = [
+        {k.decode(): v.decode() for k, v in f.items()}
+        for _, f in await redis_client.xrange("meetstream:workers:test:journal")
+    ]
+    moved = {r["bot_id"] for r in journal if r["type"] == "start" and r["instance"] == b.instance_id}
+    assert len(moved) == 2
+    for bot_id in moved:
+        rows = [r for r in journal if r.get("bot_id") == bot_id]
+        kinds = [(r["type"], r["instance"], r.get("reason")) for r in rows]
+        handoff = kinds.index(("stop", a.instance_id, "released"))
+        assert kinds[handoff + 1] == ("start", b.instance_id, None)
+    assert next(r["type"] for r in journal if r["instance"] == a.instance_id) == "hello"
+
+
+async def test_members_join_on_start_and_leave_on_stop(gateway, worker_settings, redis_client):
+    a = Worker(worker_settings(), handle_signals=False)
+    key = "meetstream:workers:test:instances"
+    async with running(a):
+        assert await redis_client.zrange(key, 0, -1) == [a.instance_id.encode()]
+    assert await redis_client.zrange(key, 0, -1) == []
+
+
+def test_settings_from_the_environment():
+    s = WorkerSettings.from_env(
+        {
+            "MEETSTREAM_WORKER_GROUP": "g1",
+            "MEETSTREAM_WORKER_INSTANCE": "w-7",
+            "MEETSTREAM_LEASE_TTL_S": "2",
+            "MEETSTREAM_CLAIM_INTERVAL_S": "0.25",
+            "MEETSTREAM_WORKER_METRICS_PORT": "9109",
+            "MEETSTREAM_CONFORMANCE": "1",
+        }
+    )
+    assert (s.group, s.instance_id, s.lease_ttl_s, s.lease_renew_s) == ("g1", "w-7", 2.0, 0.4)
+    assert (s.claim_interval_s, s.metrics_port, s.conformance) == (0.25, 9109, True)
+    # A flag (override) wins; a long lease keeps the default renewal.
+    assert WorkerSettings.from_env({}, lease_ttl_s=30.0).lease_renew_s == 1.0
+    assert WorkerSettings.from_env({"MEETSTREAM_CONFORMANCE": "0"}).conformance is False
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_metrics_are_served_and_lag_is_seen_before_it_costs_frames(gateway, worker_settings):
+    """1. a worker with a metrics port and a handler slower than the audio; 2. a bot writes 200
+    frames at once; 3. /metrics shows the bot owned, entries handled, handler time, and how many
+    audio entries the worker is behind the head (by seq) while it catches up; 4. no gap."""
+    port = free_port()
+    worker = Worker(
+        worker_settings(metrics_port=port, metrics_host="127.0.0.1", lag_sample_s=0.1, read_count=16),
+        handle_signals=False,
+    )
+    done: list[int] = []
+
+    @worker.on_audio
+    async def slow(bot: Bot, frame: AudioFrame) -> None:
+        await asyncio.sleep(0.01)
+        done.append(frame.seq)
+
+    g = (("group", "test"),)
+    lags: list[float] = []
+    async with running(worker), SimulatedBot(ws_url(gateway), "bot_lag", record_sent=False) as bot:
+        await bot.stream_speech([Speaker("s1", "Ada")], 20.0, realtime=False)  # 200 frames at once
+        while len(done) < 200:
+            lags.append(
+                (await asyncio.to_thread(_scrape, port)).get(
+                    ("meetstream_worker_stream_lag_entries", (*g, ("stream", "audio"))), 0.0
+                )
+            )
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)
+        m = await asyncio.to_thread(_scrape, port)
+    assert m[("meetstream_worker_bots_owned", g)] == 1
+    assert m[("meetstream_worker_bots_started_total", g)] == 1
+    assert m[("meetstream_worker_entries_handled_total", (*g, ("stream", "audio")))] == 200
+    assert m[("meetstream_worker_handler_seconds_count", (*g, ("stream", "audio")))] == 200
+    assert m[("meetstream_worker_audio_seq_gaps_total", g)] == 0
+    assert m[("meetstream_worker_group_members", g)] == 1
+    assert max(lags) >= 50, f"lag never seen: {lags}"
+    assert m[("meetstream_worker_stream_lag_entries", (*g, ("stream", "audio")))] == 0
+    assert ("meetstream_worker_bots_stopped_total", (*g, ("reason", "lease_lost"))) in m
