@@ -446,8 +446,16 @@ class Worker:
                 except (RedisError, OSError) as exc:
                     self.stats.redis_errors += 1
                     self.metrics.redis_errors.inc()
-                    log.warning("discovery read failed, retrying", extra={"error": repr(exc)})
+                    log.warning("discovery read failed, reconnecting", extra={"error": repr(exc)})
                     await asyncio.sleep(1.0)
+                    # Its node may be gone (a failover: the replica serves the stream now,
+                    # and the old primary answers MOVED once back): ask the cluster again
+                    # and read from whoever serves the stream, as a new connection.
+                    await client.aclose()
+                    if self._conns.is_cluster:
+                        with contextlib.suppress(RedisError, OSError):
+                            await self._conns.client.nodes_manager.initialize()
+                    client = await self._conns.dedicated(key, s.read_block_ms)
         finally:
             await client.aclose()
 

@@ -12,7 +12,7 @@ unhandled, 21,798 frames and 94 chat questions never handled).
 1. Redis Cluster 3+3; one SDK worker (fast leases) discovers a bot: it is claimed.
 2. The primary of ``meetstream:events`` is SIGKILLed; its replica is promoted.
 3. A new bot connects (its ``connected`` event is written as the gateway writes it):
-   it must be claimed within 10 s. Today it never is.
+   it must be claimed within 10 s. (It never was, before the discovery loop reconnected.)
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ async def announce(client: RedisCluster, keys: KeySpace, bot_id: str) -> None:
     await client.xadd(keys.global_events, fields)
 
 
-@pytest.mark.xfail(strict=True, reason="workers/worker.py _discovery_loop never reconnects after a failover")
 async def test_discovery_follows_a_failover_of_the_global_stream(cluster: RedisClusterProcesses) -> None:
     keys = KeySpace()
     client = RedisCluster.from_url(cluster.url)
