@@ -119,6 +119,7 @@ class Day:
             await scraping
             for replica in dep.serving():
                 await dep.scrape(replica)
+            dep.sample_cpu()
             await self.auditor.read_once()
             data = self._data(outs)
             ledger = Ledger(data).build()
@@ -206,6 +207,10 @@ class Day:
             new = await asyncio.to_thread(self.dep.start_replica)
             ready = await self._wait_ready(new)
             self.dep.list_replica(new.id)
+            if ready is None:
+                # maxUnavailable 0: a rollout whose new pod never gets ready stalls there.
+                record["stalled"] = new.id
+                break
             # Terminating: out of the endpoints first, preStop sleeps, then SIGTERM.
             self.dep.unlist_replica(old.id)
             await asyncio.sleep(PRESTOP_SLEEP_S)
@@ -312,7 +317,7 @@ class Day:
 
     # -- the end ---------------------------------------------------------------------
 
-    async def _catch_up(self, timeout_s: float = 30.0) -> None:
+    async def _catch_up(self, timeout_s: float = 60.0) -> None:
         """Let the workers handle what is left in Redis (bounded), then count."""
         assert self.auditor is not None
         deadline = time.monotonic() + timeout_s
@@ -375,11 +380,13 @@ class Day:
             replicas={r: rep.to_json() for r, rep in self.dep.replicas.items()},
             faults=self.faults,
             endpoint_log=self.dep.endpoint_log,
+            start_failures=self.dep.start_failures,
             settings={
                 "gateway_args": self.args,
                 "publish_buffer_bytes": 64 << 20,
                 "auditor_errors": self.auditor.errors,
                 "auditor_rounds": self.auditor.rounds,
+                "cpu_s": self.dep.cpu_s,
             },
         )
 
@@ -395,6 +402,7 @@ class Day:
             "replicas": data.replicas,
             "faults": data.faults,
             "endpoint_log": data.endpoint_log,
+            "start_failures": data.start_failures,
             "command_exists": data.command_exists,
             "settings": data.settings,
         }

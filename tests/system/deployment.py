@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil  # type: ignore[import-untyped]
 import redis
 
 from gateway.embedded_redis import RedisServer, terminate
@@ -134,6 +135,8 @@ class Deployment:
         self.endpoints_file = run_dir / "endpoints.json"
         self.keyspace = KeySpace()
         self.killed_redis: RedisServer | None = None
+        self.start_failures: list[dict[str, Any]] = []
+        self.cpu_s: dict[str, float] = {}  # CPU seconds per process, last seen
         self._next_replica = 0
         self._next_worker = 0
         self._stderr: list[Any] = []
@@ -148,15 +151,37 @@ class Deployment:
 
     # -- gateways ----------------------------------------------------------------
 
-    def start_replica(self) -> Replica:
-        """Start one more gateway replica (blocking: waits for it to listen)."""
-        rid = f"gw{self._next_replica}"
-        self._next_replica += 1
-        proc = GatewayProcess(self.seed_url(), "--gateway-id", rid, *self.gateway_args)
-        replica = Replica(rid, proc, time.time())
-        self.replicas[rid] = replica
-        proc.start(timeout_s=30)
-        return replica
+    def start_replica(self, attempts: int = 5) -> Replica:
+        """Start one more gateway replica (blocking: waits for it to listen).
+
+        A replica that exits during start-up is started again after a back-off, as the
+        kubelet restarts a crashed container (CrashLoopBackOff); each failure is kept
+        in ``start_failures`` with what the process said last.
+        """
+        backoff_s = 1.0
+        for attempt in range(1, attempts + 1):
+            rid = f"gw{self._next_replica}"
+            self._next_replica += 1
+            proc = GatewayProcess(self.seed_url(), "--gateway-id", rid, *self.gateway_args)
+            started = time.time()
+            try:
+                proc.start(timeout_s=30)
+            except Exception:
+                proc.stop()
+                lines = [str(r.get("msg", "")) for r in list(proc.logs)[-3:]]
+                code = proc.proc.returncode if proc.proc is not None else None
+                self.start_failures.append(
+                    {"id": rid, "at": started, "attempt": attempt, "exit_code": code, "last_lines": lines}
+                )
+                if attempt == attempts:
+                    raise
+                time.sleep(backoff_s)
+                backoff_s *= 2
+                continue
+            replica = Replica(rid, proc, started)
+            self.replicas[rid] = replica
+            return replica
+        raise AssertionError("unreachable")
 
     def list_replica(self, rid: str) -> None:
         if rid not in self.listed:
@@ -222,9 +247,35 @@ class Deployment:
         }
         replica.scrapes.append((time.time(), kept))
 
+    def processes(self) -> dict[str, int]:
+        """Every process of the deployment by a readable name, with its PID."""
+        out: dict[str, int] = {"driver": os.getpid()}
+        for rid, r in self.replicas.items():
+            if r.proc.proc is not None:
+                out[f"gateway {rid}"] = r.proc.proc.pid
+        for instance, w in self.workers.items():
+            out[f"worker {instance}"] = w.proc.pid
+        for n, proc in enumerate(self.bot_procs):
+            out[f"bots {n}"] = proc.pid
+        for server in self.cluster.servers:
+            if server.process is not None:
+                out[f"redis {server.port}"] = server.process.pid
+        return out
+
+    def sample_cpu(self) -> None:
+        """CPU seconds (user + system) each live process has used so far: where the box's
+        cores went (the harness shares them with the system under test)."""
+        for name, pid in self.processes().items():
+            try:
+                times = psutil.Process(pid).cpu_times()
+            except psutil.Error:
+                continue
+            self.cpu_s[name] = round(times.user + times.system, 2)
+
     async def scrape_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             started = time.monotonic()
+            self.sample_cpu()
             live = [r for r in self.replicas.values() if r.state in ("serving", "terminating")]
             await asyncio.gather(*(self.scrape(r) for r in live), return_exceptions=True)
             fast = any(r.state == "terminating" for r in live)

@@ -47,6 +47,8 @@ from tests.system.plan import DayPlan
 CLOSE_IN_FLIGHT_S = 0.25
 CRASH_HELD_S = 0.5
 REPLICATION_LAG_S = 1.0
+#: Interrupts written within this of each other and received once were pending together.
+COALESCE_S = 5.0
 #: A frame's handling by a worker may lag this much outside fault windows.
 HANDLING_LAG_OK_S = 2.0
 #: Worker takeover: lease TTL (2 s) + claim interval (0.5 s) + a read block (1 s) + margin.
@@ -112,6 +114,7 @@ class DayData:
     faults: list[dict[str, Any]]
     command_exists: dict[str, bool] = field(default_factory=dict)  # entry id -> still in its stream
     endpoint_log: list[tuple[float, str, str]] = field(default_factory=list)  # (t, list|unlist, replica)
+    start_failures: list[dict[str, Any]] = field(default_factory=list)  # replicas that died starting
     settings: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -140,6 +143,7 @@ class DayData:
             faults=raw["faults"],
             command_exists=raw.get("command_exists", {}),
             endpoint_log=[tuple(e) for e in raw.get("endpoint_log", [])],
+            start_failures=raw.get("start_failures", []),
             settings=raw.get("settings", {}),
         )
 
@@ -208,6 +212,7 @@ class Ledger:
         self._workers()
         self._gateways()
         self._healing()
+        self._start_failures()
         self._harness()
         self.report["problems"] = self.problems
         return self
@@ -575,6 +580,7 @@ class Ledger:
                 else:
                     got_msg[(kind, tag)].append((t, link))
             ints = [w for w in mine if w["kind"] == "int"]
+            matched = self._match_tagged(bot_id, mine, got_msg, totals, by_kind)
             for w in mine:
                 ms = int(w["entry"].partition("-")[0])
                 t_xadd = ms / 1000
@@ -605,54 +611,53 @@ class Ledger:
                                     "utterance replayed on the same connection", bot=bot_id, tag=w["tag"]
                                 )
                 else:
-                    receipts = got_msg.get((kind, w["tag"]), [])
-                    if len(receipts) > 1:
-                        new_link = len({link for _, link in receipts}) > 1
-                        totals["repeats_on_new_connection" if new_link else "repeats_same_connection"] += (
-                            len(receipts) - 1
-                        )
-                        by_kind[kind]["repeats"] += len(receipts) - 1
-                        if not new_link:
-                            self.problem(
-                                "command delivered twice on one connection",
-                                bot=bot_id,
-                                kind=kind,
-                                tag=w["tag"],
-                                entry=w["entry"],
-                            )
+                    got = matched.get(w["entry"])
+                    receipts = [got] if got is not None else []
                 if receipts:
                     by_kind[kind]["delivered"] += 1
                     totals["delivered"] += 1
                     latency[self.phase(t_xadd)].append(receipts[0][0] - t_xadd)
                     continue
                 undelivered.append({**w, "t_xadd": t_xadd})
-            # Interrupts carry no tag: the k-th written is matched with the k-th received.
-            for k, w in enumerate(ints):
-                if w["entry"] in rejected:
+            # Interrupts carry no tag. Each one received delivers the oldest interrupt written
+            # before it and not delivered yet; one written and left over was delivered with a
+            # later one if that came soon after it (interrupts pending together are sent once,
+            # PLAYBACK.md); one received with nothing left to deliver is a repeat.
+            waiting = sorted(
+                (int(w["entry"].partition("-")[0]) / 1000, w) for w in ints if w["entry"] not in rejected
+            )
+            receipts_int = sorted(got_int)
+            last_link = None
+            for t_got, link in receipts_int:
+                due = [(t, w) for t, w in waiting if t <= t_got + 0.001]
+                if not due:
+                    if link != last_link:
+                        totals["repeats_on_new_connection"] += 1
+                    else:
+                        totals["repeats_same_connection"] += 1
+                        self.problem(
+                            "interrupt delivered twice on one connection", bot=bot_id, at_s=self.rel(t_got)
+                        )
                     continue
-                if k < len(got_int):
-                    t_xadd = int(w["entry"].partition("-")[0]) / 1000
+                last_link = link
+                t_xadd, w = due[0]
+                waiting.remove(due[0])
+                by_kind["int"]["delivered"] += 1
+                totals["delivered"] += 1
+                interrupt_latency[self.phase(t_xadd)].append(t_got - t_xadd)
+            for t_xadd, w in list(waiting):
+                later = [t for t, _ in receipts_int if 0 <= t - t_xadd <= COALESCE_S]
+                if later:
+                    waiting.remove((t_xadd, w))
                     by_kind["int"]["delivered"] += 1
                     totals["delivered"] += 1
-                    interrupt_latency[self.phase(t_xadd)].append(got_int[k][0] - t_xadd)
-                else:
-                    undelivered.append({**w, "t_xadd": int(w["entry"].partition("-")[0]) / 1000})
-            if len(got_int) > len(ints):
-                totals["repeats_interrupt"] += len(got_int) - len(ints)
+                    totals["interrupts_coalesced"] += 1
+                    interrupt_latency[self.phase(t_xadd)].append(later[0] - t_xadd)
+            undelivered += [{**w, "t_xadd": t} for t, w in waiting]
             for t_barge, _number in rec["barges"]:
                 after = [t for t, _ in got_int if t >= t_barge]
                 if after and after[0] - t_barge < 5:
                     barge_reaction.append(after[0] - t_barge)
-            # What the bot received that no one recorded writing.
-            written_tags = {(w["kind"], w["tag"]) for w in mine}
-            failed_tags = {(w["kind"], w["tag"]) for w in failed_writes if w["bot"] == bot_id}
-            for key in got_msg:
-                if key not in written_tags and key[0] in ("greet", "ans", "barge"):
-                    totals["delivered_write_unconfirmed" if key in failed_tags else "delivered_unknown"] += 1
-                    if key not in failed_tags:
-                        self.problem(
-                            "bot received a command nobody wrote", bot=bot_id, kind=key[0], tag=key[1]
-                        )
         for w in undelivered:
             self._classify_undelivered(w, totals)
         self.undelivered = undelivered
@@ -672,6 +677,64 @@ class Ledger:
         self.latency_commands = latency
         self.latency_interrupts = interrupt_latency
 
+    def _match_tagged(
+        self,
+        bot_id: str,
+        mine: list[dict[str, Any]],
+        got_msg: dict[tuple[str, str], list[tuple[float, int]]],
+        totals: Counter[str],
+        by_kind: dict[str, Counter[str]],
+    ) -> dict[str, tuple[float, int]]:
+        """Match each tagged command written (greet, ans, barge) with the first receipt of
+        its tag after its XADD; classify the receipts left over."""
+        writes: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for w in mine:
+            if w["kind"] in ("greet", "ans", "barge"):
+                writes[(w["kind"], w["tag"])].append(w)
+        matched: dict[str, tuple[float, int]] = {}
+        killed = [
+            w["signalled_at"]
+            for w in self.d.workers.values()
+            if w.get("state") == "killed" and w.get("signalled_at")
+        ]
+        for key in set(writes) | {k for k in got_msg if k[0] in ("greet", "ans", "barge")}:
+            receipts = sorted(got_msg.get(key, []))
+            used = [False] * len(receipts)
+            ws = sorted(writes.get(key, []), key=lambda w: w["entry"])
+            if len(ws) > 1:
+                # A new owner handled the question again (WORKERS.md, what can repeat).
+                totals["written_twice_by_workers"] += len(ws) - 1
+            for w in ws:
+                t_xadd = int(w["entry"].partition("-")[0]) / 1000
+                for i, (t, _link) in enumerate(receipts):
+                    if not used[i] and t >= t_xadd - 0.005:
+                        used[i] = True
+                        matched[w["entry"]] = receipts[i]
+                        break
+            first_write = min((int(w["entry"].partition("-")[0]) / 1000 for w in ws), default=float("inf"))
+            links_matched = {matched[w["entry"]][1] for w in ws if w["entry"] in matched}
+            for i, (t, link) in enumerate(receipts):
+                if used[i]:
+                    continue
+                if t < first_write - 0.005:
+                    # Written by an instance killed between its XADD and its log line.
+                    if any(t - 5.0 <= k <= t + 0.5 for k in killed):
+                        totals["delivered_written_by_a_killed_worker"] += 1
+                    else:
+                        self.problem(
+                            "bot received a command nobody wrote", bot=bot_id, kind=key[0], tag=key[1]
+                        )
+                elif link not in links_matched:
+                    totals["repeats_on_new_connection"] += 1
+                    by_kind[key[0]]["repeats"] += 1
+                else:
+                    totals["repeats_same_connection"] += 1
+                    by_kind[key[0]]["repeats"] += 1
+                    self.problem(
+                        "command delivered twice on one connection", bot=bot_id, kind=key[0], tag=key[1]
+                    )
+        return matched
+
     def _classify_undelivered(self, w: dict[str, Any], totals: Counter[str]) -> None:
         rec = self.d.bots.get(w["bot"], {})
         leave = rec.get("leave", 0.0)
@@ -686,10 +749,14 @@ class Ledger:
         connected_after = there > 0.5
         kill = self.fault.get("redis_primary_kill")
         exists = self.d.command_exists.get(w["entry"])
+        audio_at = [r[0] for r in rec.get("received", []) if r[1] == "audio" and r[0] >= t]
         if w["kind"] == "say" and w["entry"] in self.cut_before_playing:
             w["why"] = "dropped_by_interrupt"
         elif t >= leave - 1.0 or not connected_after:
             w["why"] = "bot_left"
+        elif w["kind"] == "say" and audio_at and max(audio_at) >= leave - 0.5:
+            # Queued behind other utterances that were still playing when the meeting ended.
+            w["why"] = "bot_left_while_playing"
         elif exists is False and kill is not None and kill["at"] - REPLICATION_LAG_S <= t <= kill["at"] + 0.2:
             w["why"] = "failover_unreplicated"
         else:
@@ -1074,12 +1141,24 @@ class Ledger:
                 return float(f[1])
         return None
 
+    def _start_failures(self) -> None:
+        for failure in self.d.start_failures:
+            self.problem(
+                "a gateway replica exited while starting",
+                replica=failure["id"],
+                at_s=self.rel(failure["at"]),
+                exit_code=failure.get("exit_code"),
+                said=failure.get("last_lines", [])[-1:],
+            )
+        self.report["start_failures"] = self.d.start_failures
+
     def _harness(self) -> None:
         late = [rec["max_late_s"] for rec in self.d.bots.values()]
         self.report["harness"] = {
             "bot_ticks_late": sum(rec["late_ticks"] for rec in self.d.bots.values()),
             "bot_max_late_s": max(late) if late else 0.0,
             "refusals": Counter(r[3] for rec in self.d.bots.values() for r in rec["refusals"]),
+            "cpu_s": self.d.settings.get("cpu_s", {}),
         }
 
 

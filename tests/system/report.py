@@ -261,7 +261,21 @@ def markdown(ledger: Ledger, png_name: str) -> str:
         lines.append(
             f"- {p['what']}: `{json.dumps({k: v for k, v in p.items() if k != 'what'}, default=str)[:600]}`"
         )
-    lines += ["", f"Harness: {json.dumps(r['harness'], default=str)}", ""]
+    cpu: dict[str, float] = {}
+    for name, seconds in r["harness"].get("cpu_s", {}).items():
+        kind = name.split()[0]
+        cpu[kind] = cpu.get(kind, 0.0) + seconds
+    harness = {k: v for k, v in r["harness"].items() if k != "cpu_s"}
+    lines += [
+        "",
+        "## The box",
+        "",
+        "CPU seconds by kind of process (the harness shares the cores with the system under test): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])),
+        "",
+        f"Harness: {json.dumps(harness, default=str)}",
+        "",
+    ]
     return "\n".join(lines)
 
 
