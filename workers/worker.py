@@ -1052,6 +1052,7 @@ class _BotRunner:
                     conn=frame.conn,
                     seq=frame.seq,
                     entry_id=entry_id,
+                    at=int(time.time() * 1000),
                 )
             )
         last = self._last_seq.get(frame.conn)

@@ -5,12 +5,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
 from workers.worker import Worker, WorkerSettings
+
+NODE_DIR = Path(__file__).resolve().parents[2] / "workers" / "node"
+NODE_FILES = ("package.json", "package-lock.json", "worker.js", "group.js")
+
+needs_node = pytest.mark.skipif(
+    shutil.which("node") is None or shutil.which("npm") is None,
+    reason="node and npm are not installed: the Node.js worker cannot run here",
+)
+
+
+@pytest.fixture(scope="session")
+def node_worker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of workers/node with its locked dependencies installed by ``npm ci``."""
+    target = tmp_path_factory.mktemp("node-worker")
+    for name in NODE_FILES:
+        shutil.copy(NODE_DIR / name, target / name)
+    subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=target,
+        check=True,
+        timeout=180,
+        capture_output=True,
+    )
+    return target
 
 
 def fast_settings(redis_url: str, group: str = "test", **overrides: object) -> WorkerSettings:

@@ -6,37 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import subprocess
-from pathlib import Path
-
-import pytest
 
 from gateway.testing.bot import SimulatedBot, Speaker
 from tests.conftest import ws_url
+from tests.workers.conftest import needs_node
 
-NODE_DIR = Path(__file__).resolve().parents[2] / "workers" / "node"
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("node") is None or shutil.which("npm") is None,
-    reason="node and npm are not installed: the Node.js worker cannot run here",
-)
-
-
-@pytest.fixture(scope="module")
-def node_worker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of workers/node with its locked dependencies installed by ``npm ci``."""
-    target = tmp_path_factory.mktemp("node-worker")
-    for name in ("package.json", "package-lock.json", "worker.js"):
-        shutil.copy(NODE_DIR / name, target / name)
-    subprocess.run(
-        ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=target,
-        check=True,
-        timeout=180,
-        capture_output=True,
-    )
-    return target
+pytestmark = needs_node
 
 
 async def _line(proc: asyncio.subprocess.Process, timeout_s: float) -> dict:

@@ -1,22 +1,26 @@
 #!/usr/bin/env node
 // A Meetstream worker in Node.js, written from docs/PROTOCOL.md alone.
 //
-// It discovers bots on the global lifecycle stream (with a consumer group, as
-// the document suggests), greets each bot in the chat when it is ready, counts
-// the audio frames and speakers on the bot's audio stream, posts the counts in
-// the chat as a MessagePack `sendchat`, and prints one JSON report line per
-// bot when its session ends.
+// It joins a worker group (group.js: the ownership protocol of the contract, so
+// Python SDK instances and this worker may share one group), greets each bot it
+// owns in the chat when the bot is ready, counts the bot's audio frames and
+// speakers, posts the counts as a MessagePack `sendchat`, and prints one JSON
+// report line per bot when its session ends.
 //
 //   MEETSTREAM_REDIS_URL=redis://127.0.0.1:6379/0 node worker.js [--max-bots N]
 //       [--report-every-s S] [--greeting TEXT]
 //
 // Env: MEETSTREAM_REDIS_URL, MEETSTREAM_KEY_PREFIX (default meetstream),
-// MEETSTREAM_WORKER_GROUP (default node-greeter).
+// MEETSTREAM_WORKER_GROUP (default node-greeter), MEETSTREAM_WORKER_INSTANCE
+// (default host-pid), MEETSTREAM_LEASE_TTL_S (5), MEETSTREAM_LEASE_RENEW_S
+// (a fifth of the TTL), MEETSTREAM_CLAIM_INTERVAL_S (0.5), MEETSTREAM_CONFORMANCE
+// (1: the conformance kit's records and pongs, docs/WORKERS.md).
 "use strict";
 
 const os = require("node:os");
 const Redis = require("ioredis");
 const { encode } = require("@msgpack/msgpack");
+const { WorkerGroup } = require("./group");
 
 function parseArgs(argv) {
   const opts = { maxBots: 0, reportEveryS: 5, greeting: "Hello from a Node.js worker!" };
@@ -30,160 +34,95 @@ function parseArgs(argv) {
   return opts;
 }
 
+const env = process.env;
+const num = (name, fallback) => (env[name] ? Number(env[name]) : fallback);
 const opts = parseArgs(process.argv.slice(2));
-const url = process.env.MEETSTREAM_REDIS_URL || "redis://127.0.0.1:6379/0";
-const prefix = process.env.MEETSTREAM_KEY_PREFIX || "meetstream";
-const group = process.env.MEETSTREAM_WORKER_GROUP || "node-greeter";
-const consumer = `${os.hostname()}-${process.pid}`;
-const globalKey = `${prefix}:events`;
-const BLOCK_MS = 1000;
-
-const redis = new Redis(url); // commands (non-blocking)
-const bots = new Map(); // bot_id -> state
-let reported = 0;
-let stopping = false;
+const group = env.MEETSTREAM_WORKER_GROUP || "node-greeter";
+const instance = env.MEETSTREAM_WORKER_INSTANCE || `${os.hostname()}-${process.pid}`;
+const leaseTtlS = num("MEETSTREAM_LEASE_TTL_S", 5);
 
 function log(msg, extra = {}) {
-  process.stderr.write(JSON.stringify({ ts: Date.now() / 1000, msg, ...extra }) + "\n");
+  process.stderr.write(JSON.stringify({ ts: Date.now() / 1000, msg, instance, ...extra }) + "\n");
 }
 
-// Stream entries come as [id, [field, value, ...]]; make a map of strings
-// (or of Buffers, for audio, where `pcm` is raw bytes).
-function fieldMap(flat, asBuffer = false) {
-  const out = {};
-  for (let i = 0; i < flat.length; i += 2) out[flat[i].toString()] = asBuffer ? flat[i + 1] : flat[i + 1].toString();
-  return out;
-}
-
-async function command(bot, field, value) {
-  // XADD ... MAXLEN ~ 1000: the document asks workers to cap their command streams.
-  await redis.xadd(bot.commandsKey, "MAXLEN", "~", "1000", "*", field, value);
-}
-
-async function greet(bot) {
-  await command(bot, "json", JSON.stringify({ command: "sendmsg", message: opts.greeting }));
-  log("greeted", { bot_id: bot.id });
-}
+const redis = new Redis(env.MEETSTREAM_REDIS_URL || "redis://127.0.0.1:6379/0");
+redis.on("error", (e) => log("redis error", { error: String(e) }));
+let reported = 0;
 
 async function postCounts(bot) {
-  const text = `I have heard ${bot.frames} audio frames from ${bot.speakers.size} speaker(s).`;
+  const s = bot.state;
+  const text = `I have heard ${s.frames} audio frames from ${s.speakers.size} speaker(s).`;
   const payload = encode({ command: "sendchat", role: "assistant", text, is_final: true });
-  await command(bot, "msgpack", Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength));
-  bot.postedFrames = bot.frames;
+  await bot.send("msgpack", Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength));
+  s.postedFrames = s.frames;
 }
 
-function botState(id, fields) {
-  let bot = bots.get(id);
-  if (!bot) {
-    bot = { id, frames: 0, speakers: new Set(), lastId: "0", ready: false, ended: false, postedFrames: -1 };
-    bots.set(id, bot);
-  }
-  if (fields.commands_key) bot.commandsKey = fields.commands_key;
-  if (fields.audio_key) bot.audioKey = fields.audio_key;
-  return bot;
-}
-
-async function readAudio(bot) {
-  // A blocking read needs a connection of its own.
-  const conn = redis.duplicate();
-  try {
-    while (!stopping) {
-      const reply = await conn.xreadBuffer("COUNT", 500, "BLOCK", bot.ended ? 1 : BLOCK_MS, "STREAMS", bot.audioKey, bot.lastId);
-      if (!reply) {
-        if (bot.ended) break; // the session is over and nothing is left to read
-        continue;
+const workerGroup = new WorkerGroup({
+  redis,
+  prefix: env.MEETSTREAM_KEY_PREFIX || "meetstream",
+  group,
+  instance,
+  leaseTtlS,
+  leaseRenewS: num("MEETSTREAM_LEASE_RENEW_S", leaseTtlS / 5),
+  claimIntervalS: num("MEETSTREAM_CLAIM_INTERVAL_S", 0.5),
+  conformance: ["1", "true", "yes", "on"].includes(String(env.MEETSTREAM_CONFORMANCE || "").toLowerCase()),
+  log,
+  handlers: {
+    onStart(bot) {
+      bot.state = { frames: 0, speakers: new Set(), greeted: false, postedFrames: -1 };
+    },
+    async onEvent(bot, event) {
+      // Greet once per owner; a takeover does not greet again a bot that was ready before.
+      if (event.type === "ready" && !bot.state.greeted && !bot.takenOver) {
+        bot.state.greeted = true;
+        await bot.send("json", JSON.stringify({ command: "sendmsg", message: opts.greeting }));
+        log("greeted", { bot_id: bot.id });
       }
-      for (const [, entries] of reply) {
-        for (const [id, flat] of entries) {
-          const f = fieldMap(flat, true);
-          bot.lastId = id.toString();
-          bot.frames += 1;
-          bot.speakers.add(f.speaker_name.toString());
-        }
-      }
-    }
-  } finally {
-    conn.disconnect();
-  }
-}
+    },
+    onAudio(bot, frame) {
+      bot.state.frames += 1;
+      bot.state.speakers.add(frame.speakerName);
+    },
+    onStop(bot, reason) {
+      if (reason !== "session_ended") return;
+      const line = { bot_id: bot.id, frames: bot.state.frames, speakers: [...bot.state.speakers].sort() };
+      process.stdout.write(JSON.stringify(line) + "\n");
+      reported += 1;
+      if (opts.maxBots && reported >= opts.maxBots) setImmediate(stop);
+    },
+  },
+});
 
-async function report(bot) {
-  await bot.audioDone;
-  const line = { bot_id: bot.id, frames: bot.frames, speakers: [...bot.speakers].sort() };
-  process.stdout.write(JSON.stringify(line) + "\n");
-  bots.delete(bot.id);
-  reported += 1;
-  if (opts.maxBots && reported >= opts.maxBots) stop();
-}
-
-async function onLifecycle(f) {
-  const bot = botState(f.bot_id, f);
-  switch (f.type) {
-    case "connected":
-      bot.ended = false;
-      if (bot.audioKey && !bot.audioDone) bot.audioDone = readAudio(bot).catch((e) => log("audio read failed", { bot_id: bot.id, error: String(e) }));
-      break;
-    case "ready":
-      if (!bot.ready && bot.commandsKey) {
-        bot.ready = true;
-        await greet(bot);
-      }
-      break;
-    case "session_ended":
-      bot.ended = true;
-      report(bot).catch((e) => log("report failed", { error: String(e) }));
-      break;
-    default:
-      break;
-  }
-}
-
-async function discover() {
-  const conn = redis.duplicate();
-  try {
-    await conn.xgroup("CREATE", globalKey, group, "$", "MKSTREAM");
-  } catch (e) {
-    if (!String(e).includes("BUSYGROUP")) throw e;
-  }
-  process.stdout.write(JSON.stringify({ ready: true, group, consumer }) + "\n");
-  while (!stopping) {
-    const reply = await conn.xreadgroup("GROUP", group, consumer, "COUNT", 100, "BLOCK", BLOCK_MS, "STREAMS", globalKey, ">");
-    if (!reply) continue;
-    for (const [, entries] of reply) {
-      const ids = [];
-      for (const [id, flat] of entries) {
-        await onLifecycle(fieldMap(flat));
-        ids.push(id);
-      }
-      await conn.xack(globalKey, group, ...ids);
-    }
-  }
-  conn.disconnect();
-}
-
-let timer = null;
-function stop() {
-  if (stopping) return;
-  stopping = true;
-  clearInterval(timer);
-  setTimeout(() => {
-    redis.disconnect();
-    process.exit(0);
-  }, BLOCK_MS + 200).unref();
-}
-
-process.on("SIGTERM", stop);
-process.on("SIGINT", stop);
-
-timer = setInterval(() => {
-  for (const bot of bots.values()) {
-    if (bot.ready && !bot.ended && bot.frames !== bot.postedFrames) {
+const timer = setInterval(() => {
+  for (const runner of workerGroup.runners.values()) {
+    const bot = runner.bot;
+    if (bot.ready && bot.state.frames !== bot.state.postedFrames) {
       postCounts(bot).catch((e) => log("post failed", { bot_id: bot.id, error: String(e) }));
     }
   }
 }, opts.reportEveryS * 1000);
 
-discover().catch((e) => {
-  log("worker failed", { error: String(e) });
-  process.exit(1);
-});
+let stopping = null;
+function stop() {
+  if (stopping) return stopping;
+  clearInterval(timer);
+  stopping = workerGroup
+    .stop()
+    .catch((e) => log("stop failed", { error: String(e) }))
+    .finally(() => {
+      redis.disconnect();
+      process.exit(0);
+    });
+  return stopping;
+}
+
+process.on("SIGTERM", stop);
+process.on("SIGINT", stop);
+
+workerGroup
+  .start()
+  .then(() => process.stdout.write(JSON.stringify({ ready: true, group, consumer: instance }) + "\n"))
+  .catch((e) => {
+    log("worker failed", { error: String(e) });
+    process.exit(1);
+  });

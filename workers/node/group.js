@@ -1,0 +1,562 @@
+// The ownership protocol of docs/PROTOCOL.md ("Sharing bots among worker instances"),
+// in Node.js, written from the document: a WorkerGroup joins a group of worker
+// instances, in any language (the Python SDK's included), and shares the group's
+// bots with them: each bot is handled by one instance at a time, a crashed
+// instance's bots move within leaseTtlS + claimIntervalS, a stopping one hands
+// its bots back at once, and no audio frame is skipped.
+//
+//   const group = new WorkerGroup({ redis, group: "notes", instance: "w1", handlers });
+//   await group.start();   ...   await group.stop();
+//
+// handlers (all optional, may be async): onStart(bot), onStop(bot, reason),
+// onEvent(bot, event), onAudio(bot, frame). An entry is acknowledged only after
+// its handler returned. `bot.send(field, value)` XADDs a command.
+"use strict";
+
+const zlib = require("node:zlib");
+
+// Extend or delete the lease only if we still hold it.
+const RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0";
+const RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0";
+// Stay in the member set with an expiry on Redis's clock; drop expired members; return the live ones.
+const HEARTBEAT = `
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if tonumber(ARGV[2]) > 0 then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], 3600000)
+end
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+`;
+const START_TYPES = new Set(["connected", "ready", "audio_handshake"]);
+const JOURNAL_MAXLEN = "10000";
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const now = () => performance.now() / 1000; // monotonic seconds
+const idMs = (id) => Number(String(id).split("-")[0]);
+const idKey = (id) => String(id).split("-").map(Number); // [ms, seq]
+
+function fieldMap(flat, keepBuffers = false) {
+  const out = {};
+  for (let i = 0; i < flat.length; i += 2) {
+    const name = flat[i].toString();
+    out[name] = keepBuffers && name === "pcm" ? flat[i + 1] : flat[i + 1].toString();
+  }
+  return out;
+}
+
+function crc32(text) {
+  return zlib.crc32 ? zlib.crc32(text) : [...text].reduce((h, c) => (h * 31 + c.charCodeAt(0)) >>> 0, 7);
+}
+
+class Bot {
+  constructor(group, id, commandsKey) {
+    this.id = id;
+    this.commandsKey = commandsKey;
+    this.state = {}; // the application's own per-bot state
+    this.ready = false;
+    this.takenOver = false;
+    this._group = group;
+  }
+
+  // XADD one command (field "json" or "msgpack") to the bot's command stream, capped.
+  async send(field, value) {
+    return this._group.redis.xadd(this.commandsKey, "MAXLEN", "~", "1000", "*", field, value);
+  }
+}
+
+class WorkerGroup {
+  constructor(opts) {
+    this.redis = opts.redis; // an ioredis client (commands); blocking reads use duplicates
+    this.prefix = opts.prefix || "meetstream";
+    this.group = opts.group;
+    this.instance = opts.instance;
+    this.leaseTtlS = opts.leaseTtlS ?? 5;
+    this.leaseRenewS = opts.leaseRenewS ?? this.leaseTtlS / 5;
+    this.claimIntervalS = opts.claimIntervalS ?? 0.5;
+    this.balanceStepS = opts.balanceStepS ?? 0.5;
+    this.maxBots = opts.maxBots ?? 1000;
+    this.readCount = opts.readCount ?? 64;
+    this.blockMs = opts.blockMs ?? 1000;
+    this.lookbackS = opts.lookbackS ?? 3600;
+    this.gracefulS = opts.gracefulS ?? 20;
+    this.conformance = Boolean(opts.conformance);
+    this.handlers = opts.handlers || {};
+    this.log = opts.log || (() => {});
+    if (this.leaseRenewS * 2 >= this.leaseTtlS) throw new Error("leaseRenewS must be under half of leaseTtlS");
+
+    this.keys = {
+      global: `${this.prefix}:events`,
+      registry: `${this.prefix}:workers:${this.group}:bots`,
+      members: `${this.prefix}:workers:${this.group}:instances`,
+      journal: `${this.prefix}:workers:${this.group}:journal`,
+    };
+    this.memberTtlMs = Math.max(1, Math.round((this.leaseTtlS - this.leaseRenewS) * 1000));
+    this.runners = new Map(); // bot_id -> runner
+    this.members = [this.instance];
+    this.freeSince = new Map();
+    this.shedUntil = new Map();
+    this.lastShed = 0;
+    this.stopping = false;
+    this._wake = null;
+    this._loops = [];
+  }
+
+  leaseKey(botId) {
+    return `${this.prefix}:{${botId}}:lease:${this.group}`;
+  }
+
+  get bots() {
+    return [...this.runners.keys()];
+  }
+
+  async journal(type, fields = {}) {
+    const flat = ["type", type, "instance", this.instance];
+    for (const [k, v] of Object.entries(fields)) flat.push(k, String(v));
+    await this.redis.xadd(this.keys.journal, "MAXLEN", "~", JOURNAL_MAXLEN, "*", ...flat);
+  }
+
+  async start() {
+    await this.heartbeat();
+    await this.journal("hello", {
+      lease_ttl_ms: Math.round(this.leaseTtlS * 1000),
+      claim_interval_ms: Math.round(this.claimIntervalS * 1000),
+      impl: "node",
+    });
+    this._loops = [this._discoveryLoop(), this._claimLoop(), this._renewLoop()];
+  }
+
+  // Stop claiming, leave the member set (the others then take our bots at once),
+  // let each bot's handlers finish (bounded), hand every bot back.
+  async stop() {
+    if (this.stopping) return;
+    this.stopping = true;
+    this.wake();
+    await this.redis.zrem(this.keys.members, this.instance).catch(() => {});
+    const runners = [...this.runners.values()];
+    for (const r of runners) r.requestStop("released");
+    const all = Promise.all(runners.map((r) => r.done));
+    await Promise.race([all, sleep(this.gracefulS * 1000)]);
+    await Promise.race([Promise.all(this._loops), sleep(this.blockMs + 2000)]);
+    await this.journal("bye", { handed_back: runners.length }).catch(() => {});
+  }
+
+  wake() {
+    if (this._wake) this._wake();
+  }
+
+  // -- discovery: every instance reads the whole lifecycle stream -------------------
+
+  async _discoveryLoop() {
+    const conn = this.redis.duplicate();
+    let last = null;
+    try {
+      while (!this.stopping) {
+        try {
+          if (last === null) last = await this._bootstrap(conn);
+          const reply = await conn.xread("COUNT", 500, "BLOCK", this.blockMs, "STREAMS", this.keys.global, last);
+          const learned = {};
+          for (const [, entries] of reply || []) {
+            for (const [id, flat] of entries) {
+              last = id;
+              const f = fieldMap(flat);
+              if (f.type === "connected" && f.commands_key) learned[f.bot_id] = f.commands_key;
+            }
+          }
+          if (Object.keys(learned).length) {
+            await this.redis.hset(this.keys.registry, learned);
+            this.wake();
+          }
+        } catch (e) {
+          this.log("discovery read failed, retrying", { error: String(e) });
+          await sleep(1000);
+        }
+      }
+    } finally {
+      conn.disconnect();
+    }
+  }
+
+  // Rebuild the set of live bots: fold the retained lifecycle stream (connected adds,
+  // session_ended removes), then read on from the last id folded, never from "$".
+  async _bootstrap(conn) {
+    let start = this.lookbackS > 0 ? `${Date.now() - Math.round(this.lookbackS * 1000)}-0` : "-";
+    let last = "0-0";
+    const alive = {};
+    for (;;) {
+      const entries = await conn.xrange(this.keys.global, start, "+", "COUNT", 1000);
+      for (const [id, flat] of entries) {
+        last = id;
+        const f = fieldMap(flat);
+        if (f.type === "connected" && f.commands_key) alive[f.bot_id] = f.commands_key;
+        else if (f.type === "session_ended") delete alive[f.bot_id];
+      }
+      if (entries.length < 1000) break;
+      start = `(${last}`;
+    }
+    if (Object.keys(alive).length) await this.redis.hset(this.keys.registry, alive);
+    this.log("discovery bootstrapped", { bots_alive: Object.keys(alive).length });
+    this.wake();
+    return last;
+  }
+
+  // -- ownership ---------------------------------------------------------------------
+
+  async heartbeat() {
+    const ttl = this.stopping ? 0 : this.memberTtlMs;
+    const live = await this.redis.eval(HEARTBEAT, 1, this.keys.members, this.instance, ttl);
+    this.members = [...new Set([...live.map(String), ...(ttl ? [this.instance] : [])])].sort();
+    return this.members;
+  }
+
+  async _claimLoop() {
+    while (!this.stopping) {
+      try {
+        await this._claimRound();
+      } catch (e) {
+        this.log("claim round failed", { error: String(e) });
+      }
+      await Promise.race([sleep(this.claimIntervalS * 1000), new Promise((r) => (this._wake = r))]);
+      this._wake = null;
+    }
+  }
+
+  async _claimRound() {
+    const members = await this.heartbeat();
+    const registry = await this.redis.hgetall(this.keys.registry);
+    const t = now();
+    for (const [bot, until] of this.shedUntil) if (until <= t) this.shedUntil.delete(bot);
+    const candidates = Object.keys(registry).filter((b) => !this.runners.has(b));
+    for (const b of [...this.freeSince.keys()]) if (!candidates.includes(b)) this.freeSince.delete(b);
+    const held = new Map([[this.instance, this.runners.size]]);
+    const free = new Map(); // bot -> seconds seen free
+    if (candidates.length) {
+      const pipe = this.redis.pipeline();
+      for (const b of candidates) pipe.get(this.leaseKey(b));
+      const replies = await pipe.exec();
+      candidates.forEach((b, i) => {
+        const [err, holder] = replies[i];
+        if (err) throw err;
+        if (holder !== null) {
+          held.set(holder, (held.get(holder) || 0) + 1);
+          this.freeSince.delete(b);
+        } else if (!this.shedUntil.has(b)) {
+          if (!this.freeSince.has(b)) this.freeSince.set(b, t);
+          free.set(b, t - this.freeSince.get(b));
+        }
+      });
+    }
+    const bots = Object.keys(registry).length;
+    const fair = Math.ceil(bots / Math.max(1, members.length));
+    if (free.size && !this.stopping) await this._take(free, registry, fair);
+    this._maybeShed(bots, members, held, fair);
+  }
+
+  // Below the fair share: take free bots at once, up to it; a bot free for a whole
+  // claim interval is anyone's. Lost races are retried further down the list.
+  async _take(free, registry, fair) {
+    const room = Math.max(0, this.maxBots - this.runners.size);
+    const atOnce = Math.max(0, fair - this.runners.size);
+    const ranked = [...free.keys()].sort(
+      (a, b) => free.get(b) - free.get(a) || crc32(`${this.instance}/${a}`) - crc32(`${this.instance}/${b}`),
+    );
+    const overdue = ranked.filter((b) => free.get(b) >= this.claimIntervalS);
+    const fresh = ranked.filter((b) => free.get(b) < this.claimIntervalS);
+    let won = 0;
+    let wonFresh = 0;
+    while (!this.stopping) {
+      const roomLeft = room - won - wonFresh;
+      const batch = overdue.splice(0, Math.max(0, roomLeft));
+      const freshLeft = Math.min(roomLeft - batch.length, atOnce - wonFresh);
+      const freshBatch = fresh.splice(0, Math.max(0, freshLeft));
+      if (!batch.length && !freshBatch.length) return;
+      const sent = now();
+      const pipe = this.redis.pipeline();
+      for (const b of [...batch, ...freshBatch]) pipe.set(this.leaseKey(b), this.instance, "PX", Math.round(this.leaseTtlS * 1000), "NX");
+      const replies = await pipe.exec();
+      [...batch, ...freshBatch].forEach((b, i) => {
+        const got = replies[i][1] === "OK";
+        this.freeSince.delete(b);
+        if (i < batch.length) won += got;
+        else wonFresh += got;
+        if (got && !this.stopping) this._startRunner(b, registry[b], sent + this.leaseTtlS * 0.8);
+      });
+    }
+  }
+
+  // Above the fair share while another member holds two fewer: hand one bot back.
+  _maybeShed(bots, members, held, fair) {
+    const t = now();
+    if (this.stopping || this.balanceStepS <= 0 || t - this.lastShed < this.balanceStepS) return;
+    const running = [...this.runners.values()].filter((r) => !r.stopReason);
+    if (running.length <= fair) return;
+    const others = members.filter((m) => m !== this.instance).map((m) => held.get(m) || 0);
+    if (!others.length || running.length - Math.min(...others) < 2) return;
+    const runner = running.reduce((a, b) => (b.startedAt > a.startedAt ? b : a));
+    this.lastShed = t;
+    this.shedUntil.set(runner.bot.id, t + this.leaseTtlS);
+    this.log("handing a bot back to balance the group", { bot_id: runner.bot.id });
+    runner.requestStop("released");
+  }
+
+  async _renewLoop() {
+    while (!this.stopping || this.runners.size) {
+      await sleep(this.leaseRenewS * 1000);
+      const runners = [...this.runners.values()];
+      if (!runners.length) continue;
+      const sent = now();
+      let replies;
+      try {
+        const pipe = this.redis.pipeline();
+        for (const r of runners) {
+          pipe.eval(RENEW, 1, this.leaseKey(r.bot.id), this.instance, Math.round(this.leaseTtlS * 1000));
+          pipe.exists(r.eventsKey);
+        }
+        replies = await pipe.exec();
+      } catch (e) {
+        this.log("lease renewal failed", { error: String(e) }); // runners stop when their validity runs out
+        continue;
+      }
+      runners.forEach((r, i) => {
+        const renewed = replies[2 * i][1];
+        const exists = replies[2 * i + 1][1];
+        if (!renewed) {
+          r.validUntil = 0;
+          r.requestStop("lease_lost");
+        } else if (!exists) r.requestStop("expired");
+        else r.validUntil = sent + this.leaseTtlS * 0.8;
+      });
+    }
+  }
+
+  _startRunner(botId, commandsKey, validUntil) {
+    const runner = new Runner(this, botId, commandsKey, validUntil);
+    this.runners.set(botId, runner);
+    runner.done = runner.run().catch((e) => this.log("bot runner failed", { bot_id: botId, error: String(e) }));
+    this.log("bot taken", { bot_id: botId });
+  }
+}
+
+// One owned bot: reads its events and audio in the group's consumer group, dispatches
+// in order, acknowledges after the handlers returned.
+class Runner {
+  constructor(group, botId, commandsKey, validUntil) {
+    this.g = group;
+    this.bot = new Bot(group, botId, commandsKey);
+    this.eventsKey = `${group.prefix}:{${botId}}:events`;
+    this.audioKey = `${group.prefix}:{${botId}}:audio`;
+    this.validUntil = validUntil;
+    this.startedAt = now();
+    this.stopReason = null;
+    this.groups = new Set();
+    this.held = new Map(); // stream key -> entries read past what may be overtaken
+    this.lastSeq = new Map();
+    this.lastEventId = "";
+    this.ended = false;
+    this.records = [];
+  }
+
+  requestStop(reason) {
+    if (!this.stopReason) this.stopReason = reason;
+  }
+
+  async run() {
+    const g = this.g;
+    const conn = g.redis.duplicate();
+    let reason = "released";
+    try {
+      await g.journal("start", { bot_id: this.bot.id }); // before anything of the bot is handled
+      if (g.handlers.onStart) await g.handlers.onStart(this.bot);
+      await this._ensureGroups(conn);
+      if (!this.groups.has(this.eventsKey)) this.stopReason = "expired";
+      else await this._claimPending(conn);
+      while (!this.stopReason) {
+        if (now() > this.validUntil) {
+          this.stopReason = "lease_lost";
+          break;
+        }
+        if (!this.groups.has(this.audioKey)) await this._ensureGroups(conn);
+        const keys = [this.eventsKey, this.audioKey].filter((k) => this.groups.has(k));
+        const block = this.ended ? [] : ["BLOCK", g.blockMs];
+        const reply = await conn.xreadgroupBuffer(
+          "GROUP", g.group, g.instance, "COUNT", g.readCount, ...block, "STREAMS", ...keys, ...keys.map(() => ">"),
+        );
+        const batches = new Map([[this.eventsKey, []], [this.audioKey, []]]);
+        for (const [key, entries] of reply || []) batches.set(key.toString(), entries);
+        const empty = [...batches.values()].every((v) => !v.length) && [...this.held.values()].every((v) => !v.length);
+        if (this.ended && empty) {
+          this.stopReason = "session_ended";
+          break;
+        }
+        const full = new Map([...batches].map(([k, v]) => [k, v.length >= g.readCount]));
+        await this._process(conn, batches, full);
+      }
+      reason = this.stopReason || "released";
+    } catch (e) {
+      reason = "error";
+      g.log("bot stream failed; releasing it", { bot_id: this.bot.id, error: String(e) });
+    } finally {
+      await this._finish(conn, reason);
+    }
+  }
+
+  async _finish(conn, reason) {
+    const g = this.g;
+    try {
+      if (g.handlers.onStop) await g.handlers.onStop(this.bot, reason);
+    } catch (e) {
+      g.log("onStop failed", { bot_id: this.bot.id, error: String(e) });
+    }
+    try {
+      if (reason === "session_ended" || reason === "expired") {
+        // Forget the bot unless it has come back (its stream holds something newer).
+        await g.redis.hdel(g.keys.registry, this.bot.id);
+        const newest = await conn.xrevrange(this.eventsKey, "+", "-", "COUNT", 1);
+        if (newest.length && newest[0][0] !== this.lastEventId) await g.redis.hset(g.keys.registry, this.bot.id, this.bot.commandsKey);
+      }
+      await g.journal("stop", { bot_id: this.bot.id, reason }); // before the release
+      if (reason !== "lease_lost") await g.redis.eval(RELEASE, 1, g.leaseKey(this.bot.id), g.instance);
+    } catch (e) {
+      g.log("letting a bot go failed", { bot_id: this.bot.id, error: String(e) });
+    }
+    conn.disconnect();
+    if (g.runners.get(this.bot.id) === this) g.runners.delete(this.bot.id);
+    g.log("bot let go", { bot_id: this.bot.id, reason });
+    g.wake();
+  }
+
+  async _ensureGroups(conn) {
+    for (const key of [this.eventsKey, this.audioKey]) {
+      if (this.groups.has(key)) continue;
+      try {
+        // From 0, and never MKSTREAM: a stream we created would have no expiry.
+        await conn.xgroup("CREATE", key, this.g.group, "0");
+      } catch (e) {
+        const text = String(e);
+        if (text.includes("BUSYGROUP")) this.bot.takenOver = true;
+        else if (/no such key|requires the key to exist/i.test(text)) continue;
+        else throw e;
+      }
+      this.groups.add(key);
+    }
+  }
+
+  // Take over what a previous owner read and did not acknowledge, handle it first.
+  async _claimPending(conn) {
+    const g = this.g;
+    const claimed = new Map([[this.eventsKey, []], [this.audioKey, []]]);
+    for (const key of this.groups) {
+      let cursor = "0-0";
+      do {
+        const reply = await conn.xautoclaimBuffer(key, g.group, g.instance, 0, cursor, "COUNT", g.readCount);
+        cursor = reply[0].toString();
+        for (const entry of reply[1]) {
+          if (entry && entry[1]) claimed.get(key).push(entry);
+          else if (entry && entry[0]) await conn.xack(key, g.group, entry[0]); // trimmed since: nothing to hand over
+        }
+      } while (cursor !== "0-0");
+      // Consumers with nothing pending are gone instances: tidy them away.
+      const consumers = await conn.xinfo("CONSUMERS", key, g.group);
+      for (const c of consumers) {
+        const info = fieldMap(c);
+        if (info.name !== g.instance && Number(info.pending) === 0) await conn.xgroup("DELCONSUMER", key, g.group, info.name);
+      }
+    }
+    if ([...claimed.values()].some((v) => v.length)) {
+      this.bot.takenOver = true;
+      await this._process(conn, claimed, new Map());
+    }
+  }
+
+  // Within one millisecond a connection's start events go before audio, the rest after it.
+  _order(key, id, f) {
+    const [ms, seq] = idKey(id);
+    if (key === this.audioKey) return [ms, 1, seq];
+    return [ms, START_TYPES.has(f.type) ? 0 : 2, seq];
+  }
+
+  async _process(conn, batches, full) {
+    const g = this.g;
+    const merged = [];
+    for (const key of [this.eventsKey, this.audioKey]) {
+      const entries = [...(this.held.get(key) || []), ...(batches.get(key) || [])];
+      this.held.set(key, []);
+      for (const [rawId, flat] of entries) {
+        const id = rawId.toString();
+        const f = fieldMap(flat, key === this.audioKey);
+        merged.push({ order: this._order(key, id, f), key, id, f, raw: [rawId, flat] });
+      }
+    }
+    // Past the end of a full batch, the other stream may hold older entries not read yet.
+    const marks = [...full].filter(([k, isFull]) => isFull && batches.get(k).length).map(([k]) => idMs(batches.get(k).at(-1)[0]));
+    const mark = marks.length ? Math.min(...marks) : null;
+    merged.sort((a, b) => a.order[0] - b.order[0] || a.order[1] - b.order[1] || a.order[2] - b.order[2]);
+    const done = new Map([[this.eventsKey, []], [this.audioKey, []]]);
+    for (const e of merged) {
+      if (mark !== null && (e.order[0] > mark || (e.order[0] === mark && e.order[1] > 1))) {
+        this.held.get(e.key).push(e.raw);
+        continue;
+      }
+      if (now() > this.validUntil) {
+        // Our lease may be gone: stop before a new owner could handle the same entry.
+        this.held.clear();
+        this.stopReason = "lease_lost";
+        break;
+      }
+      if (e.key === this.eventsKey) await this._event(e.id, e.f);
+      else await this._audio(e.id, e.f);
+      done.get(e.key).push(e.id);
+    }
+    if (![...done.values()].some((v) => v.length)) return;
+    const pipe = g.redis.pipeline();
+    // Records before acknowledgements: an entry may be recorded twice, never acked unrecorded.
+    for (const flat of this.records) pipe.xadd(g.keys.journal, "MAXLEN", "~", JOURNAL_MAXLEN, "*", ...flat);
+    this.records = [];
+    for (const [key, ids] of done) if (ids.length) pipe.xack(key, g.group, ...ids);
+    await pipe.exec();
+  }
+
+  async _event(id, f) {
+    const g = this.g;
+    const bot = this.bot;
+    this.lastEventId = id;
+    if (f.type === "connected") {
+      this.ended = false;
+      if (f.commands_key) bot.commandsKey = f.commands_key;
+    } else if (f.type === "ready") bot.ready = true;
+    else if (f.type === "disconnected" && f.channel === "control") bot.ready = false;
+    else if (f.type === "session_ended") {
+      bot.ready = false;
+      this.ended = true;
+    } else if (f.type === "message" && g.conformance) {
+      let data = null;
+      try {
+        data = JSON.parse(f.data);
+      } catch {
+        data = null;
+      }
+      if (data && data.type === "ping" && typeof data.id === "string") {
+        await bot.send("json", JSON.stringify({ command: "sendmsg", message: `pong:${data.id}` }));
+      }
+    }
+    if (g.handlers.onEvent) await g.handlers.onEvent(bot, { id, type: f.type, fields: f });
+  }
+
+  async _audio(id, f) {
+    const g = this.g;
+    const frame = { id, conn: f.conn, seq: Number(f.seq), speakerId: f.speaker_id, speakerName: f.speaker_name, pcm: f.pcm, ts: Number(f.ts) };
+    const last = this.lastSeq.get(frame.conn);
+    if (last !== undefined && frame.seq > last + 1) g.log("audio frames missing", { bot_id: this.bot.id, conn: frame.conn, missing: frame.seq - last - 1 });
+    this.lastSeq.set(frame.conn, Math.max(frame.seq, last ?? -1));
+    if (g.conformance) {
+      this.records.push([
+        "type", "frame", "instance", g.instance, "bot_id", this.bot.id,
+        "conn", frame.conn, "seq", String(frame.seq), "entry_id", id, "at", String(Date.now()),
+      ]);
+    }
+    if (g.handlers.onAudio) await g.handlers.onAudio(this.bot, frame);
+  }
+}
+
+module.exports = { WorkerGroup, Bot, RENEW, RELEASE, HEARTBEAT };
