@@ -122,6 +122,7 @@ class Day:
             dep.sample_cpu()
             await self.auditor.read_once()
             data = self._data(outs)
+            self._save(data)  # first: a ledger that fails can be rerun from the records
             ledger = Ledger(data).build()
             # Commands never delivered: are they still in their stream (or lost to the failover)?
             data.command_exists = await self._exists(ledger)

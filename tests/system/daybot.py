@@ -271,20 +271,21 @@ class DayBot:
         r = self.record
         idx = len(r.frame_t)
         link = self.audio_link
+        # The three columns grow together, whatever happens to the send (the meeting may
+        # end, cancelling this task, while a frame is being written).
         r.frame_t.append(now)
         r.frame_spk.append(speaker)
+        r.frame_link.append(-1)
         if link is None:
-            r.frame_link.append(-1)
             return
         spk_id, name, _ = SPEAKERS[speaker]
         try:
             await self.aud.send_frame(AudioFrame(spk_id, name, self.frames.frame(idx, freq_hz)))
         except Exception:
-            r.frame_link.append(-1)  # the socket was closed under us: not sent
-            ws = self.aud.audio
+            ws = self.aud.audio  # the socket was closed under us: not sent
             self._mark_down(link, (ws.close_code if ws is not None else None) or 1006)
             return
-        r.frame_link.append(link.n)
+        r.frame_link[idx] = link.n
 
     async def _ask(self, k: int) -> None:
         chat_id = f"{self.meeting.bot_id}:{k}"
