@@ -21,6 +21,11 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
         "--bot-name", help="the bot's display name, to leave out its own voice (env MEETSTREAM_BOT_NAME)"
     )
     p.add_argument("--lease-ttl-s", type=float, help="seconds before a dead instance's bots move (default 5)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve /metrics and /healthz on this port (env MEETSTREAM_WORKER_METRICS_PORT; default off)",
+    )
     p.add_argument("--log-level", default=os.environ.get("MEETSTREAM_LOG_LEVEL", "info"))
     p.add_argument(
         "--log-format", default=os.environ.get("MEETSTREAM_LOG_FORMAT", "text"), choices=("json", "text")
@@ -31,7 +36,13 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 def settings(ns: argparse.Namespace, default_group: str) -> WorkerSettings:
     env = dict(os.environ)
     env.setdefault("MEETSTREAM_WORKER_GROUP", default_group)
-    overrides = dict(redis_url=ns.redis_url, key_prefix=ns.key_prefix, group=ns.group, bot_name=ns.bot_name)
+    overrides = dict(
+        redis_url=ns.redis_url,
+        key_prefix=ns.key_prefix,
+        group=ns.group,
+        bot_name=ns.bot_name,
+        metrics_port=getattr(ns, "metrics_port", None),
+    )
     if ns.lease_ttl_s:
         overrides.update(lease_ttl_s=ns.lease_ttl_s, lease_renew_s=ns.lease_ttl_s / 5)
     return WorkerSettings.from_env(env, **overrides)

@@ -72,6 +72,14 @@ class RenderedChart:
         (container,) = self.gateway()["spec"]["template"]["spec"]["containers"]
         return container
 
+    def gateway_service(self) -> Rendered:
+        return self.one("Service", f"{RELEASE}-meetstream-gateway")
+
+    def rule_group(self, name: str) -> Rendered:
+        (rule,) = self.of_kind("PrometheusRule")
+        (group,) = [g for g in rule["spec"]["groups"] if g["name"] == name]
+        return group
+
 
 @pytest.fixture(scope="session")
 def chart() -> Iterator[helm.Chart]:

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from gateway.protocol import parse_path
+from gateway.settings import Settings
 from tests.deploy.conftest import ALL_ON_VALUES, CHART, NAMESPACE, RELEASE, RenderedChart
 
 SCHEMAS = Path(__file__).parent / "schemas"
@@ -138,7 +139,7 @@ def test_the_validator_refuses_a_wrong_object(
     deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         validate_object(deployment, KUBE_VERSIONS[-1])
-    monitor = json.loads(json.dumps(all_on_render.one("ServiceMonitor")))
+    monitor = json.loads(json.dumps(all_on_render.one("ServiceMonitor", f"{RELEASE}-meetstream-gateway")))
     monitor["spec"]["endpoints"][0]["intervall"] = "30s"
     with pytest.raises(jsonschema.ValidationError):
         validate_object(monitor, KUBE_VERSIONS[-1])
@@ -273,13 +274,13 @@ def test_selectors_match_the_pods(each_render: RenderedChart) -> None:
         assert deployment["spec"]["selector"]["matchLabels"].items() <= (
             deployment["spec"]["template"]["metadata"]["labels"].items()
         )
-    assert each_render.one("Service")["spec"]["selector"].items() <= pods.items()
+    assert each_render.gateway_service()["spec"]["selector"].items() <= pods.items()
     assert each_render.one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= pods.items()
     # Workers must not be picked up by the gateway's Service, PDB or spread.
     for deployment in each_render.of_kind("Deployment"):
         if deployment is not each_render.gateway():
             worker_labels = deployment["spec"]["template"]["metadata"]["labels"]
-            assert not each_render.one("Service")["spec"]["selector"].items() <= worker_labels.items()
+            assert not each_render.gateway_service()["spec"]["selector"].items() <= worker_labels.items()
 
 
 # -- secrets ------------------------------------------------------------------------
@@ -356,7 +357,7 @@ def test_ingress_keeps_websockets_open(all_on_render: RenderedChart, all_on_valu
     (rule,) = ingress["spec"]["rules"]
     (path,) = rule["http"]["paths"]
     assert path["backend"]["service"] == {
-        "name": all_on_render.one("Service")["metadata"]["name"],
+        "name": all_on_render.gateway_service()["metadata"]["name"],
         "port": {"name": "websocket"},
     }
     assert ingress["spec"]["tls"][0]["hosts"] == [rule["host"]]
@@ -381,8 +382,8 @@ def test_hpa_scales_on_cpu_and_optionally_on_bots(
 
 
 def test_service_monitor_scrapes_the_metrics_port(all_on_render: RenderedChart) -> None:
-    service = all_on_render.one("Service")
-    monitor = all_on_render.one("ServiceMonitor")
+    service = all_on_render.gateway_service()
+    monitor = all_on_render.one("ServiceMonitor", f"{RELEASE}-meetstream-gateway")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     (endpoint,) = monitor["spec"]["endpoints"]
     (port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
@@ -391,7 +392,7 @@ def test_service_monitor_scrapes_the_metrics_port(all_on_render: RenderedChart) 
 
 
 def test_alerts_cover_what_the_issue_asks(all_on_render: RenderedChart) -> None:
-    (group,) = all_on_render.one("PrometheusRule")["spec"]["groups"]
+    group = all_on_render.rule_group("meetstream-gateway")
     alerts = {r["alert"]: r for r in group["rules"]}
     assert set(alerts) == {
         "MeetstreamGatewayRedisUnreachable",
@@ -445,3 +446,87 @@ def test_notes_give_the_websocket_urls(default_render: RenderedChart, all_on_ren
             assert (route.channel, route.bot_id) == (channel, "bot_123")
     assert "?token=" in all_on_render.notes
     assert "unauthenticated" in default_render.notes or "any bot_id" in default_render.notes
+
+
+# -- worker monitoring ---------------------------------------------------------------------
+
+
+def _workers_service(rendered: RenderedChart) -> dict[str, Any]:
+    return rendered.one("Service", f"{RELEASE}-meetstream-gateway-workers")
+
+
+def test_worker_metrics_port_is_served_and_selected(all_on_render: RenderedChart) -> None:
+    """Every worker pod exposes the port its MEETSTREAM_WORKER_METRICS_PORT names; the headless
+    workers Service selects every worker pod and no gateway pod, on that port."""
+    service = _workers_service(all_on_render)
+    assert service["spec"]["clusterIP"] == "None"
+    (port,) = service["spec"]["ports"]
+    gateway_pods = all_on_render.gateway()["spec"]["template"]["metadata"]["labels"]
+    assert not service["spec"]["selector"].items() <= gateway_pods.items()
+    for name in WORKERS:
+        deployment = all_on_render.one("Deployment", f"{RELEASE}-meetstream-gateway-{name}")
+        pod = deployment["spec"]["template"]
+        assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items(), name
+        (container,) = pod["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert port["targetPort"] == "metrics" and port["port"] == ports["metrics"]
+        assert int(env_of(container)["MEETSTREAM_WORKER_METRICS_PORT"]["value"]) == ports["metrics"]
+
+
+def test_each_service_monitor_scrapes_its_own_service(all_on_render: RenderedChart) -> None:
+    gateway_service, workers_service = all_on_render.gateway_service(), _workers_service(all_on_render)
+    gateway_monitor = all_on_render.one("ServiceMonitor", f"{RELEASE}-meetstream-gateway")
+    workers_monitor = all_on_render.one("ServiceMonitor", f"{RELEASE}-meetstream-gateway-workers")
+
+    def selects(monitor: dict[str, Any], service: dict[str, Any]) -> bool:
+        return monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+
+    assert selects(workers_monitor, workers_service) and not selects(workers_monitor, gateway_service)
+    assert selects(gateway_monitor, gateway_service) and not selects(gateway_monitor, workers_service)
+    (endpoint,) = workers_monitor["spec"]["endpoints"]
+    assert endpoint["port"] == workers_service["spec"]["ports"][0]["name"] and endpoint["path"] == "/metrics"
+    assert workers_monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_no_worker_monitoring_without_workers(render: Callable[..., RenderedChart]) -> None:
+    values = {"metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}
+    rendered = render(values)
+    assert [s["metadata"]["name"] for s in rendered.of_kind("Service")] == [f"{RELEASE}-meetstream-gateway"]
+    assert len(rendered.of_kind("ServiceMonitor")) == 1
+    (rule,) = rendered.of_kind("PrometheusRule")
+    assert [g["name"] for g in rule["spec"]["groups"]] == ["meetstream-gateway"]
+    # Your own SDK workers, scraped your way: the alerts alone, on your selector.
+    values["metrics"]["prometheusRule"]["workers"] = {"selector": 'job="my-workers"'}
+    group = render(values).rule_group("meetstream-workers")
+    assert all('job="my-workers"' in r["expr"] for r in group["rules"])
+
+
+def test_worker_alerts_fire_before_the_gateway_trims_unread_audio(
+    render: Callable[..., RenderedChart], all_on_render: RenderedChart, all_on_values: dict[str, Any]
+) -> None:
+    """The lag alert compares the group's distance to a stream head, in entries, with the
+    gateway's audio MAXLEN: at half of it, or when its trend passes all of it within 5 minutes."""
+    alerts = {r["alert"]: r for r in all_on_render.rule_group("meetstream-workers")["rules"]}
+    assert set(alerts) == {
+        "MeetstreamWorkersFallingBehind",
+        "MeetstreamWorkersLostAudio",
+        "MeetstreamWorkerBotsUnowned",
+        "MeetstreamWorkerHandlerFailures",
+        "MeetstreamWorkerLeasesLost",
+        "MeetstreamWorkersAbsent",
+    }
+    for rule in alerts.values():
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        assert rule["annotations"]["summary"]
+        assert f'job="{RELEASE}-meetstream-gateway-workers",namespace="{NAMESPACE}"' in rule["expr"]
+    maxlen = all_on_values["gateway"]["settings"]["audio_maxlen"]
+    lag = alerts["MeetstreamWorkersFallingBehind"]
+    assert lag["labels"]["severity"] == "critical"
+    assert f"> {maxlen // 2})" in lag["expr"] and f"[5m], 300)) > {maxlen})" in lag["expr"]
+    assert "meetstream_worker_stream_lag_entries{" in lag["expr"] and 'stream="audio"' in lag["expr"]
+    # Without a setting the gateway's own default applies.
+    rendered = render(
+        {"metrics": {"prometheusRule": {"enabled": True}}, "workers": {"greeter": {"enabled": True}}}
+    )
+    default = {r["alert"]: r for r in rendered.rule_group("meetstream-workers")["rules"]}
+    assert f"> {Settings().audio_maxlen})" in default["MeetstreamWorkersFallingBehind"]["expr"]

@@ -18,10 +18,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import Gateway
+from gateway.embedded_redis import free_port
 from gateway.settings import Settings, env_name
 from tests.conftest import running_gateway
 from tests.deploy.conftest import CHART, ROOT, RenderedChart
 from tests.deploy.promql import grouping_labels, metric_names, series_labels
+from workers import Worker, WorkerSettings
 
 SETTINGS_ENV = {env_name(f.name) for f in fields(Settings)}
 DASHBOARD = CHART / "dashboards" / "meetstream-gateway.json"
@@ -181,9 +183,8 @@ def _dashboard_expressions() -> list[str]:
     return exprs
 
 
-def _scrape(gw: Gateway) -> dict[str, set[str]]:
-    """Sample name -> label names, from the gateway's own /metrics."""
-    port = gw.probes.port
+def _scrape_port(port: int) -> dict[str, set[str]]:
+    """Sample name -> label names, from ``/metrics`` on a local port."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     samples: dict[str, set[str]] = {}
@@ -193,10 +194,39 @@ def _scrape(gw: Gateway) -> dict[str, set[str]]:
     return samples
 
 
+def _scrape(gw: Gateway) -> dict[str, set[str]]:
+    """Sample name -> label names, from the gateway's own /metrics."""
+    return _scrape_port(gw.probes.port)
+
+
 @pytest.fixture
-async def exported(redis_url: str) -> dict[str, set[str]]:
+async def gateway_exported(redis_url: str) -> dict[str, set[str]]:
     async with running_gateway(redis_url) as gw:
         return await asyncio.to_thread(_scrape, gw)
+
+
+@pytest.fixture
+async def worker_exported(redis_url: str) -> dict[str, set[str]]:
+    """What an SDK worker serves on its metrics port (as the chart's workers do)."""
+    port = free_port()
+    worker = Worker(
+        WorkerSettings(redis_url=redis_url, group="deploy", metrics_port=port, metrics_host="127.0.0.1"),
+        handle_signals=False,
+    )
+    await worker.start()
+    try:
+        return await asyncio.to_thread(_scrape_port, port)
+    finally:
+        await worker.stop()
+
+
+@pytest.fixture
+def exported(
+    gateway_exported: dict[str, set[str]], worker_exported: dict[str, set[str]]
+) -> dict[str, set[str]]:
+    """Every series the dashboard and the alerts may name: the gateway's and the workers'."""
+    assert not set(gateway_exported) & set(worker_exported)
+    return {**gateway_exported, **worker_exported}
 
 
 def test_dashboard_has_every_panel_it_promises() -> None:
@@ -214,6 +244,18 @@ def test_dashboard_has_every_panel_it_promises() -> None:
     ):
         assert f"meetstream_gateway_{needed}" in exprs, needed
     assert "Drops by reason" in titles
+    for needed in (
+        "bots_owned",
+        "bots_known",
+        "entries_handled_total",
+        "handler_seconds_bucket",
+        "stream_lag_entries",
+        "stream_lag_seconds",
+        "audio_seq_gaps_total",
+        "takeovers_total",
+        "own_voice_frames_skipped_total",
+    ):
+        assert f"meetstream_worker_{needed}" in exprs, needed
 
 
 def _check_expressions(exprs: list[str], exported: dict[str, set[str]]) -> None:
@@ -222,7 +264,7 @@ def _check_expressions(exprs: list[str], exported: dict[str, set[str]]) -> None:
         names = metric_names(expr)
         assert names, f"no metric in {expr!r}"
         missing = names - set(exported)
-        assert not missing, f"{expr!r} names {sorted(missing)}, not on the gateway's /metrics"
+        assert not missing, f"{expr!r} names {sorted(missing)}, not on the gateway's or a worker's /metrics"
         known = set().union(*(exported[n] for n in names)) | TARGET_LABELS | {"le"}
         used = grouping_labels(expr).union(*series_labels(expr).values())
         assert used <= known, f"{expr!r} uses labels {sorted(used - known)} that its metrics lack"
@@ -235,11 +277,25 @@ def test_dashboard_metrics_exist_on_a_running_gateway(exported: dict[str, set[st
 def test_alert_and_hpa_metrics_exist_on_a_running_gateway(
     all_on_render: RenderedChart, exported: dict[str, set[str]]
 ) -> None:
-    (group,) = all_on_render.one("PrometheusRule")["spec"]["groups"]
+    group = all_on_render.rule_group("meetstream-gateway")
     _check_expressions([rule["expr"] for rule in group["rules"]], exported)
     hpa = all_on_render.one("HorizontalPodAutoscaler")
     custom = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
     assert custom and custom <= set(exported)
+
+
+def test_worker_alert_metrics_exist_on_a_running_worker(
+    all_on_render: RenderedChart, worker_exported: dict[str, set[str]]
+) -> None:
+    group = all_on_render.rule_group("meetstream-workers")
+    _check_expressions([rule["expr"] for rule in group["rules"]], worker_exported)
+
+
+def test_worker_metrics_have_bounded_labels(worker_exported: dict[str, set[str]]) -> None:
+    """No bot_id, conn or instance id as a label: bots and connections are unbounded."""
+    labels = set().union(*worker_exported.values())
+    assert labels <= {"group", "stream", "reason", "outcome", "le"}, labels
+    assert all(name.startswith("meetstream_worker_") for name in worker_exported)
 
 
 @pytest.mark.parametrize(
@@ -249,6 +305,9 @@ def test_alert_and_hpa_metrics_exist_on_a_running_gateway(
         "sum by (reasn) (rate(meetstream_gateway_frames_dropped_total[5m]))",  # no such label
         "histogram_quantile(0.99, rate(meetstream_gateway_bots_connected_bucket[5m]))",  # not a histogram
         'rate(meetstream_gateway_redis_errors_total{operation="ping"}[5m])',  # label is "op"
+        "max(meetstream_worker_stream_lag_entry{stream='audio'})",  # misspelt
+        "max by (bot_id) (meetstream_worker_stream_lag_entries)",  # no bot_id label, ever
+        'sum(rate(meetstream_worker_handler_failures_total{kind="error"}[5m]))',  # label is "outcome"
     ],
 )
 def test_the_metric_check_refuses_wrong_expressions(expr: str, exported: dict[str, set[str]]) -> None:

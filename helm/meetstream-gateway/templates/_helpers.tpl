@@ -84,3 +84,25 @@ app.kubernetes.io/component: gateway
       name: {{ include "meetstream-gateway.redisSecretName" . }}
       key: {{ include "meetstream-gateway.redisSecretKey" . }}
 {{- end }}
+
+{{/* Labels every worker pod carries, whatever its example: what the workers' Service selects. */}}
+{{- define "meetstream-gateway.workerSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "meetstream-gateway.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+meetstream.io/workload: worker
+{{- end }}
+
+{{/* "true" when any example worker is enabled. */}}
+{{- define "meetstream-gateway.anyWorker" -}}
+{{- range $name := list "greeter" "recorder" "bargein" "announcer" }}{{ if (index $.Values.workers $name).enabled }}true{{ end }}{{ end }}
+{{- end }}
+
+{{/* The workers' Service (and so their Prometheus job). */}}
+{{- define "meetstream-gateway.workersName" -}}
+{{- printf "%s-workers" (include "meetstream-gateway.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* PromQL matchers selecting this release's worker series. */}}
+{{- define "meetstream-gateway.workerRuleSelector" -}}
+{{- default (printf "job=%q,namespace=%q" (include "meetstream-gateway.workersName" .) .Release.Namespace) .Values.metrics.prometheusRule.workers.selector }}
+{{- end }}
