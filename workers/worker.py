@@ -970,12 +970,16 @@ class _BotRunner:
         if not any(done.values()):
             return
         w = self.worker
+        if self._records and w._conns is not None:
+            # Records first: a record may then be written for an entry that comes again
+            # (handled twice), never an entry acknowledged without its record. (On the
+            # shared pool: in a cluster the journal may live on another node than the bot.)
+            records = w._conns.client.pipeline(transaction=False)
+            for record in self._records:
+                records.xadd(w._journal_key, record, maxlen=ownership.JOURNAL_MAXLEN, approximate=True)
+            self._records.clear()
+            await records.execute()
         pipe = client.pipeline(transaction=False)
-        # Records first: a record may then be written for an entry that comes again
-        # (handled twice), never an entry acknowledged without its record.
-        for record in self._records:
-            pipe.xadd(w._journal_key, record, maxlen=ownership.JOURNAL_MAXLEN, approximate=True)
-        self._records.clear()
         for key, ids in done.items():
             if ids:
                 pipe.xack(key, w.settings.group, *ids)
