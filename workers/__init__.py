@@ -16,7 +16,7 @@ See ``docs/WORKERS.md``.
 """
 
 from workers.audio import AudioFrame, Resampler, VoiceDetector, resample
-from workers.bot import Bot, Event
+from workers.bot import Bot, Event, LeaseLost
 from workers.constants import NO_SPEAKER
 from workers.worker import STOP_REASONS, Worker, WorkerSettings, WorkerStats
 
@@ -26,6 +26,7 @@ __all__ = [
     "AudioFrame",
     "Bot",
     "Event",
+    "LeaseLost",
     "Resampler",
     "VoiceDetector",
     "Worker",

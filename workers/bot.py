@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,19 @@ from workers.audio import to_pcm16
 from workers.constants import PLAYBACK_EVENTS
 
 log = logging.getLogger(__name__)
+
+
+class LeaseLost(RuntimeError):
+    """This instance may no longer own the bot: a command now could be a second owner's.
+
+    Raised by :meth:`Bot.send` (and so every command method) once the bot's lease has
+    lapsed by this instance's clock or was found taken, typically in a handler that ran
+    on past it; nothing was written.
+    """
+
+    def __init__(self, bot_id: str) -> None:
+        super().__init__(f"{bot_id}: this instance's lease on the bot has lapsed; command not sent")
+        self.bot_id = bot_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +81,8 @@ class Bot:
     state: dict[str, Any] = field(default_factory=dict)
     _playing_until: float = 0.0  # monotonic; from our own say() bookkeeping
     _playback_state: bool | None = None  # from the gateway's playback events, once seen
+    #: Whether this instance still owns the bot (set by the Worker; None: always).
+    _owned: Callable[[], bool] | None = field(default=None, repr=False)
 
     # -- state ---------------------------------------------------------------
 
@@ -88,7 +103,13 @@ class Bot:
     # -- commands ------------------------------------------------------------
 
     async def send(self, entry: commands.Fields) -> str:
-        """XADD one prepared entry (see :mod:`workers.commands`); returns its id."""
+        """XADD one prepared entry (see :mod:`workers.commands`); returns its id.
+
+        Raises :class:`LeaseLost`, writing nothing, once this instance may no longer own
+        the bot: a handler that outlives its lease must not act beside the new owner.
+        """
+        if self._owned is not None and not self._owned():
+            raise LeaseLost(self.bot_id)
         entry_id = await self._client.xadd(
             self.commands_key, entry, maxlen=self.command_maxlen, approximate=True
         )

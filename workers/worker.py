@@ -653,8 +653,7 @@ class Worker:
                 renewed, exists = results[2 * i], results[2 * i + 1]
                 if not renewed:
                     log.warning("lease lost", extra={"bot_id": r.bot.bot_id})
-                    r.valid_until = 0.0
-                    r.request_stop("lease_lost")
+                    r.lease_lost()
                 elif not exists:
                     r.request_stop("expired")
                 else:
@@ -759,6 +758,7 @@ class _BotRunner:
             command_maxlen=s.command_maxlen,
             say_chunk_s=s.say_chunk_s,
             name=s.bot_name,
+            _owned=self.owned,
         )
         self.task: asyncio.Task[None] | None = None
         self.reading = False
@@ -766,6 +766,8 @@ class _BotRunner:
         self.started_at = time.monotonic()
         #: The last read of a stream came back full: we may be behind its head.
         self.behind = False
+        #: A handler of one of its entries is running (cancelled if the lease is found lost).
+        self.handling = False
         self._groups: set[str] = set()
         self._last_seq: dict[str, int] = {}
         self._last_frame: tuple[str, int, int] | None = None  # conn, seq, entry ms
@@ -773,6 +775,18 @@ class _BotRunner:
         self._held: dict[str, list[tuple[str, dict[str, str] | dict[str, bytes]]]] = {}
         self._ended = False
         self._records: list[dict[str, str]] = []  # journal records to write before the XACK
+
+    def owned(self) -> bool:
+        """Whether the lease is still ours by our own clock (the fence on ``Bot.send``)."""
+        return time.monotonic() <= self.valid_until
+
+    def lease_lost(self) -> None:
+        """Another instance may own the bot now: stop, and cut short a handler that is
+        running (its commands are refused anyway: :class:`~workers.bot.LeaseLost`)."""
+        self.valid_until = 0.0
+        self.request_stop("lease_lost")
+        if self.handling and self.task is not None:
+            self.task.cancel()
 
     def request_stop(self, reason: str) -> None:
         # The run loop sees this within one read_block_ms. (Were it cancelled in a
@@ -859,6 +873,9 @@ class _BotRunner:
         w = self.worker
         for fn in w._stop_handlers:
             await w._call(fn, self.bot, reason)
+        # From here the bot may be another instance's: whatever still holds this Bot
+        # (a task a handler spawned) can no longer send for it.
+        self.valid_until = 0.0
         with contextlib.suppress(RedisError, OSError):
             if reason in ("session_ended", "expired"):
                 await self._forget(client)
@@ -959,10 +976,14 @@ class _BotRunner:
                 break
             stream = "events" if key == self.events_key else "audio"
             began = time.perf_counter()
-            if key == self.events_key:
-                await self._dispatch_event(eid, raw)
-            else:
-                await self._dispatch_audio(eid, raw)
+            self.handling = True
+            try:
+                if key == self.events_key:
+                    await self._dispatch_event(eid, raw)
+                else:
+                    await self._dispatch_audio(eid, raw)
+            finally:
+                self.handling = False
             metrics = self.worker.metrics
             metrics.handler_seconds[stream].observe(time.perf_counter() - began)
             metrics.entries[stream].inc()

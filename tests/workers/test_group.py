@@ -7,13 +7,14 @@ import asyncio
 import urllib.request
 from collections import Counter
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.embedded_redis import free_port
 from gateway.testing.bot import SimulatedBot, Speaker
 from tests.conftest import ws_url
 from tests.workers.conftest import eventually, running
-from workers import AudioFrame, Bot, Worker, WorkerSettings
+from workers import AudioFrame, Bot, Event, LeaseLost, Worker, WorkerSettings
 
 
 async def test_bots_connected_before_the_group_started_are_found(gateway, worker_settings):
@@ -158,3 +159,58 @@ async def test_metrics_are_served_and_lag_is_seen_before_it_costs_frames(gateway
     assert max(lags) >= 50, f"lag never seen: {lags}"
     assert m[("meetstream_worker_stream_lag_entries", (*g, ("stream", "audio")))] == 0
     assert ("meetstream_worker_bots_stopped_total", (*g, ("reason", "lease_lost"))) in m
+
+
+async def test_a_handler_cannot_act_for_a_bot_after_its_lease_is_lost(gateway, worker_settings, redis_client):
+    """The day's overlap (tests/system/test_worker_lease_fencing.py): 1. a handler blocks (as
+    on a write to a dead node); 2. another instance's name gets into the lease; 3. the handler
+    is cancelled when the renewal finds the lease lost, and had it gone on, its command would
+    have been refused: the late chat never reaches the bot, and the bot is let go (lease_lost)."""
+    worker = Worker(worker_settings(), handle_signals=False)
+    gate, blocked = asyncio.Event(), asyncio.Event()
+    outcome: list[str] = []
+    stops: list[str] = []
+
+    @worker.on_message
+    async def slow_answer(bot: Bot, event: Event) -> None:
+        blocked.set()
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+            raise
+        await bot.chat("late")
+        outcome.append("sent")
+
+    worker.on_bot_stop(lambda bot, reason: stops.append(reason))
+    async with running(worker), SimulatedBot(ws_url(gateway), "bot_fence") as bot:
+        await eventually(lambda: "bot_fence" in worker.bots, what="the bot owned")
+        await bot.send_control_json({"type": "chat", "text": "question"})
+        await asyncio.wait_for(blocked.wait(), 10)
+        await redis_client.set("meetstream:{bot_fence}:lease:test", "another-instance", px=10_000)
+        await eventually(lambda: stops == ["lease_lost"], timeout_s=3, what="the bot let go")
+        gate.set()
+        await asyncio.sleep(0.5)
+    assert outcome == ["cancelled"]
+    assert "late" not in [c.get("message") for c in bot.commands("sendmsg")]
+
+
+async def test_commands_are_refused_once_the_lease_may_have_lapsed():
+    """The fence itself, for a handler that runs on while renewals cannot reach Redis (the
+    renewal loop is stuck too, so nothing cancels it): nothing is written, LeaseLost is raised."""
+    written: list[object] = []
+
+    class Client:
+        async def xadd(self, *args: object, **kwargs: object) -> bytes:
+            written.append(args)
+            return b"1-0"
+
+    owned = [True]
+    bot = Bot("b", "meetstream:{c01}:b:commands", Client(), _owned=lambda: owned[0])
+    await bot.chat("while owned")
+    owned[0] = False
+    with pytest.raises(LeaseLost):
+        await bot.chat("after")
+    with pytest.raises(LeaseLost):
+        await bot.say(b"\x00\x00" * 480, 48_000)
+    assert len(written) == 1
