@@ -16,7 +16,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.exceptions import RedisUnavailable
 from gateway.resp import encode_commands
@@ -182,7 +182,9 @@ async def open_client(
             client, is_cluster = await _open_once(url, cluster, max_connections, socket_timeout_s)
             log.info("redis connected", extra={"redis_url": shown, "cluster": is_cluster})
             return client, is_cluster
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
+            # RedisClusterException is not a RedisError: a seed node still loading its
+            # data after a restart, or unreachable, raises it from initialize().
             last = exc
             log.warning(
                 "redis not reachable, retrying",
