@@ -236,22 +236,20 @@ class Day:
 
     async def _do_redis_primary_kill(self, record: dict[str, Any]) -> None:
         cluster, keys = self.dep.cluster, self.dep.keyspace
-        alive = self.alive_bots(self.now_s())
-        primaries = await asyncio.to_thread(cluster.primaries)
-        where = {b: await asyncio.to_thread(cluster.server_of_key, keys.bot(b).audio) for b in alive}
         # The primary of the discovery stream (every worker reads it; every bot's arrival
         # is announced there): the one whose loss tests the most. Its bots go with it.
-        discovery = await asyncio.to_thread(cluster.server_of_key, keys.global_events)
-        victim = discovery if discovery in primaries else primaries[0]
-        on_victim = [b for b, w in where.items() if w is victim]
-        commands_on_victim = [
-            b for b in alive if await asyncio.to_thread(cluster.server_of_key, keys.bot(b).commands) is victim
-        ]
+        owner = await asyncio.to_thread(self.dep.slot_owner)
+        victim_port = owner(keys.global_events)
+        victim = next(s for s in cluster.servers if s.port == victim_port)
+        # Decided at the moment of the kill (one slot map, no round trip per bot): a bot
+        # that joined a moment ago counts.
+        alive = [m.bot_id for m in self.plan.meetings if m.join_s <= self.now_s() < m.leave_s]
+        on_victim = [b for b in alive if owner(keys.bot(b).audio) == victim_port]
         record.update(
-            victim_port=victim.port,
+            victim_port=victim_port,
             bots_on_victim=on_victim,
-            command_streams_on_victim=commands_on_victim,
-            global_events_on_victim=victim is discovery,
+            command_streams_on_victim=[b for b in alive if owner(keys.bot(b).commands) == victim_port],
+            global_events_on_victim=True,
         )
         slot = key_slot(keys.bot(on_victim[0]).audio.encode()) if on_victim else 0
         record["at"] = time.time()
@@ -418,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.system.day", description=__doc__.split("\n\n")[0])
     p.add_argument("--bots", type=int, default=200)
     p.add_argument("--minutes", type=float, default=3.0)
+    p.add_argument("--seconds", type=float, help="the day's length in seconds (instead of --minutes)")
     p.add_argument("--workers", type=int, default=3)
     p.add_argument("--bot-procs", type=int, default=2, help="processes the bots are spread over")
     p.add_argument("--seed", type=int, default=16)
@@ -437,7 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     plan = DayPlan(
-        bots=ns.bots, seconds=ns.minutes * 60, seed=ns.seed, workers=ns.workers, bot_procs=ns.bot_procs
+        bots=ns.bots,
+        seconds=ns.seconds or ns.minutes * 60,
+        seed=ns.seed,
+        workers=ns.workers,
+        bot_procs=ns.bot_procs,
     ).build()
     started = time.monotonic()
     ledger = asyncio.run(run_day(plan, run_dir, ns.overload_lag_s))

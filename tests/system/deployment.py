@@ -18,14 +18,18 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 import redis
+from prometheus_client.parser import text_string_to_metric_families
+from redis.crc import key_slot
 
-from gateway.embedded_redis import RedisServer, terminate
+from gateway.embedded_redis import RedisServer, free_port, terminate
 from gateway.keys import KeySpace
 from gateway.testing.cluster import RedisClusterProcesses
 from gateway.testing.process import GatewayProcess
@@ -55,6 +59,17 @@ SCRAPED = (
     "meetstream_gateway_command_delivery_seconds_sum",
     "meetstream_gateway_event_loop_lag_seconds",
     "meetstream_gateway_bot_failures_total",
+)
+
+#: The workers' samples the alerts of the chart's meetstream-workers group read.
+WORKER_SCRAPED = (
+    "meetstream_worker_bots_owned",
+    "meetstream_worker_bots_known",
+    "meetstream_worker_stream_lag_entries",
+    "meetstream_worker_bots_stopped_total",
+    "meetstream_worker_audio_seq_gaps_total",
+    "meetstream_worker_handler_failures_total",
+    "meetstream_worker_takeovers_total",
 )
 
 
@@ -104,15 +119,30 @@ class WorkerProc:
     instance: str
     proc: subprocess.Popen[bytes]
     started: float
+    metrics_port: int = 0
     state: str = "running"  # running | killed | stopping | exited
     signalled_at: float | None = None
     exited_at: float | None = None
     exit_code: int | None = None
+    scrapes: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """The SDK's own metrics (meetstream_worker_*), flattened like a replica's."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            body = reply.read().decode()
+        return {
+            sample_key(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body)
+            for s in family.samples
+            if s.name in WORKER_SCRAPED
+        }
 
     def to_json(self) -> dict[str, Any]:
         return {
             "instance": self.instance,
             "pid": self.proc.pid,
+            "scrapes": self.scrapes,
             "started": self.started,
             "state": self.state,
             "signalled_at": self.signalled_at,
@@ -272,12 +302,25 @@ class Deployment:
                 continue
             self.cpu_s[name] = round(times.user + times.system, 2)
 
+    async def scrape_worker(self, worker: WorkerProc) -> None:
+        if worker.proc.poll() is not None:
+            return
+        try:
+            samples = await asyncio.to_thread(worker.metrics)
+        except Exception:  # starting, or dying
+            return
+        worker.scrapes.append((time.time(), samples))
+
     async def scrape_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             started = time.monotonic()
             self.sample_cpu()
             live = [r for r in self.replicas.values() if r.state in ("serving", "terminating")]
-            await asyncio.gather(*(self.scrape(r) for r in live), return_exceptions=True)
+            await asyncio.gather(
+                *(self.scrape(r) for r in live),
+                *(self.scrape_worker(w) for w in self.workers.values() if w.state in ("running", "stopping")),
+                return_exceptions=True,
+            )
             fast = any(r.state == "terminating" for r in live)
             interval = 0.2 if fast else 1.0
             with contextlib.suppress(TimeoutError):
@@ -293,6 +336,7 @@ class Deployment:
     def start_worker(self) -> WorkerProc:
         instance = f"w{self._next_worker}"
         self._next_worker += 1
+        metrics_port = free_port()
         stderr = open(self.run_dir / f"worker-{instance}.stderr", "wb")  # noqa: SIM115 (closed in stop)
         self._stderr.append(stderr)
         proc = subprocess.Popen(
@@ -314,6 +358,8 @@ class Deployment:
                 str(self.plan.utterance_s),
                 "--log-format",
                 "json",
+                "--metrics-port",
+                str(metrics_port),
             ],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
@@ -321,7 +367,7 @@ class Deployment:
             stderr=stderr,
             env={k: v for k, v in os.environ.items() if not k.startswith("MEETSTREAM_")},
         )
-        worker = WorkerProc(instance, proc, time.time())
+        worker = WorkerProc(instance, proc, time.time(), metrics_port)
         self.workers[instance] = worker
         return worker
 
@@ -353,16 +399,34 @@ class Deployment:
         return [w for w in self.workers.values() if w.state == "running"]
 
     def owners(self, bot_ids: list[str]) -> dict[str, str | None]:
-        """Which worker instance holds each bot's lease now."""
-        client = redis.RedisCluster.from_url(self.seed_url(), socket_timeout=2)
+        """Which worker instance holds each bot's lease now (one pipeline)."""
+        client = redis.RedisCluster.from_url(self.seed_url(), socket_timeout=5)
         try:
-            out: dict[str, str | None] = {}
+            pipe = client.pipeline()  # type: ignore[no-untyped-call]
             for bot_id in bot_ids:
-                value = client.get(f"{self.keyspace.prefix}:{{{bot_id}}}:lease:{GROUP}")
-                out[bot_id] = value.decode() if isinstance(value, bytes) else value
-            return out
+                pipe.get(f"{self.keyspace.prefix}:{{{bot_id}}}:lease:{GROUP}")
+            values = pipe.execute()
         finally:
             client.close()
+        return {b: v.decode() if isinstance(v, bytes) else v for b, v in zip(bot_ids, values, strict=True)}
+
+    def slot_owner(self) -> Callable[[str], int]:
+        """The port of the primary serving each key, from one CLUSTER SLOTS (a fault that
+        asked the cluster once per bot took seconds under load and came late)."""
+        client = redis.Redis(port=self.cluster.primaries()[0].port, socket_timeout=5)
+        try:
+            ranges = sorted(
+                (int(r[0]), int(r[1]), int(r[2][1]))
+                for r in client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+            )
+        finally:
+            client.close()
+
+        def owner(key: str) -> int:
+            slot = key_slot(key.encode())
+            return next(port for start, end, port in ranges if start <= slot <= end)
+
+        return owner
 
     # -- bots ----------------------------------------------------------------------
 

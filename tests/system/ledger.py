@@ -213,6 +213,7 @@ class Ledger:
         self._gateways()
         self._healing()
         self._start_failures()
+        self._alerts()
         self._harness()
         self.report["problems"] = self.problems
         return self
@@ -1140,6 +1141,100 @@ class Ledger:
             if f[0] == kind:
                 return float(f[1])
         return None
+
+    def _alerts(self) -> None:
+        """The chart's PrometheusRule conditions, evaluated on the day's scrapes: when each
+        first held, how long at most, and whether that outlasts its ``for:``."""
+        rows: list[dict[str, Any]] = []
+
+        def runs(points: list[tuple[float, bool]]) -> tuple[float | None, float]:
+            first: float | None = None
+            longest, start = 0.0, None
+            for t, on in sorted(points):
+                if on:
+                    first = t if first is None else first
+                    start = t if start is None else start
+                    longest = max(longest, t - start)
+                else:
+                    start = None
+            return first, longest
+
+        def add(alert: str, points: list[tuple[float, bool]], for_s: float) -> None:
+            first, longest = runs(points)
+            rows.append(
+                {
+                    "alert": alert,
+                    "condition_first_true_s": self.rel(first) if first is not None else None,
+                    "condition_held_s": round(longest, 1),
+                    "for_s": for_s,
+                    "fires": first is not None and longest >= for_s,
+                }
+            )
+
+        reps = self.d.replicas.values()
+        add(
+            "MeetstreamGatewayRedisUnreachable",
+            [(t, s.get("meetstream_gateway_redis_up", 1.0) == 0.0) for r in reps for t, s in r["scrapes"]],
+            120,
+        )
+        grid = sorted({round(t * 2) / 2 for r in reps for t, _ in r["probes"] if t >= self.d.t0})
+        ready_points = []
+        for t in grid:
+            ready = 0
+            for r in reps:
+                seen = [ok for pt, ok in r["probes"] if pt <= t]
+                alive = r["started"] <= t and (r.get("exited_at") or float("inf")) > t
+                ready += bool(alive and seen and seen[-1])
+            ready_points.append((t, ready < 1))
+        add("MeetstreamGatewayNoReadyReplicas", ready_points, 300)
+        for reason, frames in self._total_drops().items():
+            rows.append(
+                {
+                    "alert": f"MeetstreamGatewayFramesDropped{{reason={reason}}}",
+                    "dropped": frames,
+                    "fires": False,
+                    "note": "needs > 1 drop/s sustained for 10 min",
+                }
+            )
+        workers = list(self.d.workers.values())
+
+        def increase(key: str) -> list[tuple[float, float]]:
+            out = []
+            for w in workers:
+                scrapes = w.get("scrapes", [])
+                base = scrapes[0][1].get(key, 0.0) if scrapes else 0.0
+                out += [(t, s.get(key, 0.0) - base) for t, s in scrapes]
+            return out
+
+        lost = increase("meetstream_worker_bots_stopped_total{group=day,reason=lease_lost}")
+        add("MeetstreamWorkerLeasesLost", [(t, v > 0) for t, v in lost], 0)
+        gaps = increase("meetstream_worker_audio_seq_gaps_total{group=day}")
+        add("MeetstreamWorkersLostAudio", [(t, v > 0) for t, v in gaps], 0)
+        maxlen = 3000  # the day's --audio-maxlen
+        lag = [
+            (t, s.get("meetstream_worker_stream_lag_entries{group=day,stream=audio}", 0.0) > 0.5 * maxlen)
+            for w in workers
+            for t, s in w.get("scrapes", [])
+        ]
+        add("MeetstreamWorkersFallingBehind", lag, 60)
+        seconds: dict[int, dict[str, dict[str, float]]] = defaultdict(dict)
+        for w in workers:
+            for t, s in w.get("scrapes", []):
+                seconds[int(t)][w["instance"]] = s
+        unowned = []
+        for t, by_instance in sorted(seconds.items()):
+            known = max(s.get("meetstream_worker_bots_known{group=day}", 0.0) for s in by_instance.values())
+            owned = sum(s.get("meetstream_worker_bots_owned{group=day}", 0.0) for s in by_instance.values())
+            unowned.append((float(t), known - owned > 0))
+        add("MeetstreamWorkerBotsUnowned", unowned, 120)
+        self.report["alerts"] = rows
+
+    def _total_drops(self) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for rid in self.d.replicas:
+            for reason, value in self.replica_drops(rid).items():
+                out[reason] += value
+        return dict(out)
 
     def _start_failures(self) -> None:
         for failure in self.d.start_failures:

@@ -254,6 +254,21 @@ def markdown(ledger: Ledger, png_name: str) -> str:
             f" {_lat(commands['interrupt_latency_s_by_phase'].get(phase))} |"
             f" {_lat(workers['handling_lag_s_by_phase'].get(phase))} |"
         )
+    lines += [
+        "",
+        "## Alerts (the chart's rules on the day's scrapes)",
+        "",
+        "| alert | condition first true (s) | held (s) | for (s) | fires |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for a in r.get("alerts", []):
+        if "note" in a:
+            lines.append(f"| {a['alert']} | {a['dropped']:.0f} frames in all | | | no ({a['note']}) |")
+        else:
+            lines.append(
+                f"| {a['alert']} | {_fmt(a['condition_first_true_s'])} | {a['condition_held_s']} |"
+                f" {a['for_s']} | {'**yes**' if a['fires'] else 'no'} |"
+            )
     lines += ["", "## Problems", ""]
     if not ledger.problems:
         lines.append("None.")

@@ -20,6 +20,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -40,7 +42,12 @@ async def test_a_day_of_production_balances_its_ledger(tmp_path: Path) -> None:
     started = time.monotonic()
     ledger = await run_day(plan, run_dir, overload_lag_s=0.0)
     ledger.report["run"]["wall_s"] = round(time.monotonic() - started, 1)
-    write_report(ledger, tmp_path / "day")
+    # MEETSTREAM_SYSTEM_REPORT=PREFIX keeps the report and the records past pytest's
+    # clean-up of old temporary directories.
+    keep = os.environ.get("MEETSTREAM_SYSTEM_REPORT")
+    write_report(ledger, Path(keep) if keep else tmp_path / "day")
+    if keep:
+        shutil.copytree(run_dir, Path(keep + ".run"), dirs_exist_ok=True)
     print("\n" + markdown(ledger, "day.png"))
     print(f"\nfull report: {tmp_path / 'day.md'}, raw records: {run_dir}")
 

@@ -1,5 +1,5 @@
-"""Reproduction, found by the day: a handler that is running when its instance loses a
-bot's lease goes on acting for the bot after another instance has taken it over.
+"""Found by the day, fixed in 2c9307b: a handler that is running when its instance loses a
+bot's lease must not go on acting for the bot after another instance has taken it over.
 
 In the day (CI size, after the SDK's discovery fix), a Redis primary was SIGKILLed while
 instance w2 was answering a chat question: its XADD waited for the dead node. Its lease
@@ -15,7 +15,7 @@ the lease says.
    write to a dead node).
 2. The lease is lost: another instance's name is in it (as after an expiry and a take).
 3. The handler resumes and sends a chat message: it must not reach the bot (the handler
-   cancelled, or the command refused). Today it does.
+   cancelled, or the command refused). Before the fix it did.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import redis.asyncio as aioredis
 
+from gateway.app import Gateway
 from gateway.testing.bot import SimulatedBot
 from tests.conftest import ws_url
 from tests.workers.conftest import eventually, fast_settings, running
@@ -32,9 +34,8 @@ from workers import Bot, Event, Worker
 pytestmark = pytest.mark.system
 
 
-@pytest.mark.xfail(strict=True, reason="workers/worker.py: a running handler outlives its lease")
 async def test_a_handler_cannot_act_for_a_bot_after_its_lease_is_lost(
-    gateway, redis_url, redis_client
+    gateway: Gateway, redis_url: str, redis_client: aioredis.Redis
 ) -> None:
     worker = Worker(fast_settings(redis_url), handle_signals=False)
     gate = asyncio.Event()
