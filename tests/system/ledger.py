@@ -794,6 +794,7 @@ class Ledger:
                         "first": None,
                         "last": None,
                         "stop": None,
+                        "acts": [],  # (t, kind) of every record while it owned the bot
                     }
                     stints[bot].append(current[bot])
                     continue
@@ -811,9 +812,10 @@ class Ledger:
                         bot=bot,
                         at_s=self.rel(t),
                     )
-                else:
+                elif kind != "X":  # a refused or failed write did not act
                     stint["first"] = t if stint["first"] is None else stint["first"]
                     stint["last"] = t
+                    stint["acts"].append((t, kind))
                 if kind == "F":
                     idx = int(f[5])
                     handled[bot][idx] += 1
@@ -838,6 +840,13 @@ class Ledger:
             busy = sorted((r for r in rows if r["first"] is not None), key=lambda r: r["first"])
             for a, b in itertools.pairwise(busy):
                 if a["instance"] != b["instance"] and b["first"] < a["last"]:
+                    late = [kind for t, kind in a["acts"] if t > b["first"]]
+                    if set(late) == {"C"}:
+                        # Only writes completing: commands handed to Redis before the lease
+                        # lapsed (say, to a node that died) land late; the gateway does not
+                        # check leases (WORKERS.md, one owner at a time).
+                        stats["commands_landed_after_lease_lapsed"] += len(late)
+                        continue
                     overlaps.append(
                         {
                             "bot": bot,
