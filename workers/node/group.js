@@ -61,7 +61,10 @@ class Bot {
   }
 
   // XADD one command (field "json" or "msgpack") to the bot's command stream, capped.
+  // Refused once this instance's lease may have lapsed: a handler that ran on past it
+  // must not act beside the bot's new owner.
   async send(field, value) {
+    if (this._owned && !this._owned()) throw new Error(`${this.id}: the lease on this bot has lapsed; command not sent`);
     return this._group.redis.xadd(this.commandsKey, "MAXLEN", "~", "1000", "*", field, value);
   }
 }
@@ -344,6 +347,7 @@ class Runner {
   constructor(group, botId, commandsKey, validUntil) {
     this.g = group;
     this.bot = new Bot(group, botId, commandsKey);
+    this.bot._owned = () => now() <= this.validUntil;
     this.eventsKey = `${group.prefix}:{${botId}}:events`;
     this.audioKey = `${group.prefix}:{${botId}}:audio`;
     this.validUntil = validUntil;
@@ -408,6 +412,7 @@ class Runner {
     } catch (e) {
       g.log("onStop failed", { bot_id: this.bot.id, error: String(e) });
     }
+    this.validUntil = 0; // from here the bot may be another instance's
     try {
       if (reason === "session_ended" || reason === "expired") {
         // Forget the bot unless it has come back (its stream holds something newer).
