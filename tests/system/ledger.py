@@ -1002,6 +1002,7 @@ class Ledger:
             on: list[float] = []
             off: list[float] = []
             never = []
+            stall: list[float] = []
             for bot in self.d.bots:
                 if not alive(bot, f["at"]):
                     continue
@@ -1010,6 +1011,10 @@ class Ledger:
                     never.append(bot)
                     continue
                 (on if bot in victims else off).append(t - f["at"])
+                if bot not in victims:
+                    stall.append(
+                        self._worst_frame_delay(bot, f["at"], (f.get("promoted_at") or f["at"]) + 1.0)
+                    )
             ready_back = self._all_ready_again(f["at"])
             heal["redis_primary_kill"] = {
                 "victim_port": f.get("victim_port"),
@@ -1018,10 +1023,22 @@ class Ledger:
                     "bots_on_dead_primary": summary(on),
                     "bots_elsewhere": summary(off),
                 },
+                # Bots elsewhere are not held up by the dead node, but Redis Cluster itself
+                # refuses every write (CLUSTERDOWN) from the moment the failure is agreed
+                # until the promotion, when cluster-require-full-coverage is yes (default).
+                "bots_elsewhere_worst_frame_delay_s": summary(stall),
                 "bots_never_stored_again": len(never),
                 "all_replicas_ready_again_s": ready_back,
                 "frames_lost_unreplicated_seen_by_auditor": sum(len(v) for v in self.d.audit_lost.values()),
             }
+            promoted = f.get("promoted_at")
+            if stall and promoted is not None and max(stall) > promoted - f["at"] + 1.0:
+                # Held only by Redis's own CLUSTERDOWN window, at most from kill to promotion.
+                self.problem(
+                    "bots whose keys were on live nodes were held up longer than the failover",
+                    worst_s=max(stall),
+                    promoted_after_s=round(promoted - f["at"], 3),
+                )
             if never:
                 self.problem(
                     "bots never stored a frame again after the Redis primary died",
@@ -1106,6 +1123,18 @@ class Ledger:
                     seconds=value,
                     bound_s=bound,
                 )
+
+    def _worst_frame_delay(self, bot: str, start: float, end: float) -> float:
+        """The longest a frame this bot sent in [start, end] took to be stored."""
+        rec = self.d.bots[bot]
+        cols = self.d.audit_frames.get(bot, {"idx": [], "ms": []})
+        first: dict[int, int] = {}
+        for idx, ms in zip(cols["idx"], cols["ms"], strict=True):
+            first.setdefault(idx, ms)
+        delays = [
+            first[i] / 1000 - t for i, t in enumerate(rec["frame_t"]) if start <= t <= end and i in first
+        ]
+        return round(max(delays), 3) if delays else 0.0
 
     def _all_ready_again(self, since: float) -> float | None:
         """Seconds after ``since`` until every replica serving then answered /readyz 200
