@@ -100,7 +100,9 @@ class Settings:
     redis_max_connections: int = _opt(16, "Pool size for writes (readers hold one each per shard)")
     key_prefix: str = _opt("meetstream", "Prefix of every Redis key")
     command_shards: int = _opt(16, "Hash-tag shards of command streams (same on every gateway)")
-    audio_maxlen: int = _opt(600, "Approximate MAXLEN of a bot's audio stream (600 = 60 s of 100 ms frames)")
+    audio_maxlen: int = _opt(
+        600, "Approximate MAXLEN of a bot's audio stream, in frames (600: 12 s of one speaker at 20 ms)"
+    )
     events_maxlen: int = _opt(10_000, "Approximate MAXLEN of a bot's event stream")
     global_events_maxlen: int = _opt(100_000, "Approximate MAXLEN of the global lifecycle stream")
     audio_stream_max_bytes: int = _opt(
