@@ -166,15 +166,16 @@ class Ledger:
         return self.d.plan.phase_of(t - self.d.t0)
 
     def in_fault(self, t: float, *names: str) -> str | None:
-        """The fault (among ``names``, default all) whose window holds ``t``."""
-        for f in self.d.faults:
+        """The latest fault (among ``names``, default all) whose window holds ``t``."""
+        found = None
+        for f in sorted(self.d.faults, key=lambda f: f["at"]):
             if names and f["name"] not in names:
                 continue
             start = f["at"]
             end = max(f.get("done") or start, start) + FAULT_BOUND_S.get(f["name"], 8.0)
             if start - 0.5 <= t <= end:
-                return str(f["name"])
-        return None
+                found = str(f["name"])
+        return found
 
     def problem(self, what: str, **evidence: Any) -> None:
         self.problems.append({"what": what, **evidence})
@@ -943,6 +944,18 @@ class Ledger:
                         if n >= 0 and links[n]["replica"] == rid and t > last_t:
                             after += 1
                 row["frames_sent_after_last_scrape"] = after
+            # Not-ready stretches while it served (a drain's 503 excluded), as its probes saw them.
+            gone = rep.get("terminated_at") or float("inf")
+            flaps, down_since = [], None
+            for t, ok in rep["probes"]:
+                if t >= gone or t < self.d.t0:
+                    continue
+                if not ok and down_since is None:
+                    down_since = t
+                elif ok and down_since is not None:
+                    flaps.append((self.rel(down_since), round(t - down_since, 2), self.in_fault(down_since)))
+                    down_since = None
+            row["not_ready"] = flaps
             out[rid] = row
         self.report["gateways"] = out
 
@@ -1152,6 +1165,8 @@ class Ledger:
                 if t >= gone:  # a drain's 503 is not the fault's
                     break
                 if not ok and went_unready is None:
+                    if t > since + FAULT_BOUND_S["redis_primary_kill"]:
+                        break  # a later blip is another event's (a MOVED parks a write for ms)
                     went_unready = t
                 elif ok and went_unready is not None:
                     back = t

@@ -203,8 +203,9 @@ def markdown(ledger: Ledger, png_name: str) -> str:
         + (", ".join(f"{k} {v}" for k, v in frames["explained_losses"].items()) or "none"),
         f"; **unexplained: {frames['unexplained_losses']}**.",
         "",
-        "| replica | state | sent to it | received | published | stored from it | dropped (counted) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| replica | state | sent to it | received | published | stored from it | dropped (counted) |"
+        " not ready (at s, for s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for rid, g in r["gateways"].items():
         dropped = ", ".join(f"{k} {int(v)}" for k, v in g["dropped"].items()) or "0"
@@ -216,6 +217,7 @@ def markdown(ledger: Ledger, png_name: str) -> str:
         lines.append(
             f"| {rid} | {g['state']}{extra} | {g['frames_sent_to_it']} | {int(g['frames_received'])} |"
             f" {int(g['frames_published'])} | {g['frames_stored_from_it']} | {dropped} |"
+            f" {', '.join(f'{at:.1f} for {d:.1f}' for at, d, _ in g.get('not_ready', [])) or '-'} |"
         )
     ct = commands["total"]
     lines += [
