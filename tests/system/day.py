@@ -426,13 +426,16 @@ def main(argv: list[str] | None = None) -> int:
         default=0.25,
         help="the gateways' --overload-lag-s (production default 0.25; 0 turns load shedding off)",
     )
-    p.add_argument("--report", required=True, help="path prefix of REPORT.json/.md/.png and REPORT.run/")
+    p.add_argument("--report", required=True, help="path prefix of REPORT.json/.md/.png")
+    p.add_argument(
+        "--run-dir", help="where the run's raw records go (default REPORT.run/; hundreds of MB at full size)"
+    )
     ns = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from tests.system.report import write_report
 
     prefix = Path(ns.report)
-    run_dir = prefix.with_name(prefix.name + ".run")
+    run_dir = Path(ns.run_dir) if ns.run_dir else prefix.with_name(prefix.name + ".run")
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     plan = DayPlan(
