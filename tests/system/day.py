@@ -38,6 +38,7 @@ from tests.system.auditor import Auditor
 from tests.system.deployment import Deployment, Replica
 from tests.system.ledger import DayData, Ledger
 from tests.system.plan import DayPlan
+from tests.system.report import build_commit, write_report
 from tests.system.service import probe_ready
 
 log = logging.getLogger("day")
@@ -74,6 +75,7 @@ class Day:
         self.args = gateway_args(overload_lag_s)
         self.dep = Deployment(self.plan, run_dir, self.args)
         self.t0 = 0.0
+        self.commit = build_commit()  # the code that ran, not the code that reports later
         self.faults: list[dict[str, Any]] = []
         self.auditor: Auditor | None = None
         self._stop_scrapes = asyncio.Event()
@@ -386,6 +388,7 @@ class Day:
                 "auditor_errors": self.auditor.errors,
                 "auditor_rounds": self.auditor.rounds,
                 "cpu_s": self.dep.cpu_s,
+                "commit": self.commit,
             },
         )
 
@@ -432,8 +435,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     ns = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from tests.system.report import write_report
-
     prefix = Path(ns.report)
     run_dir = Path(ns.run_dir) if ns.run_dir else prefix.with_name(prefix.name + ".run")
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -15,7 +15,8 @@ import numpy as np
 from tests.system.ledger import Ledger
 
 
-def _commit() -> str:
+def build_commit() -> str:
+    """``git describe --always --dirty`` of the tree (dirty: uncommitted changes ran too)."""
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty"],
@@ -86,11 +87,18 @@ def timeline(ledger: Ledger) -> dict[str, Any]:
                 cmd_lat[sec(t)].append(t - entries.pop(key))
     ready = np.zeros(span)
     for rep in d.replicas.values():
-        seen: dict[int, bool] = {}
-        for t, ok in rep["probes"]:
-            seen[sec(t)] = ok or seen.get(sec(t), False)
-        for s, ok in seen.items():
-            ready[s] += 1 if ok else 0
+        # The last probe's answer holds until the next one (probes come about once a second,
+        # less often under load): a second without a probe is not a second not ready.
+        probes = sorted(rep["probes"])
+        gone = rep.get("exited_at") or rep.get("terminated_at") or float("inf")
+        i, state = 0, False
+        for s in range(span):
+            end = t0 + s + 1
+            while i < len(probes) and probes[i][0] < end:
+                state = probes[i][1]
+                i += 1
+            if i and end <= gone + 1:
+                ready[s] += 1 if state else 0
 
     def q(series: dict[int, list[float]], p: float) -> list[float | None]:
         return [float(np.percentile(series[s], p)) if series.get(s) else None for s in range(span)]
@@ -299,7 +307,7 @@ def markdown(ledger: Ledger, png_name: str) -> str:
 def write_report(ledger: Ledger, prefix: Path) -> None:
     """``prefix``.json, .md and .png."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    ledger.report["run"]["commit"] = _commit()
+    ledger.report["run"]["commit"] = ledger.d.settings.get("commit") or build_commit()
     ledger.report["run"]["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ledger.d.t0))
     series = timeline(ledger)
     report = {k: v for k, v in ledger.report.items() if k != "frames"}
