@@ -682,7 +682,11 @@ class BotServer:
             if session is None or session.control is None or session.control.outbox is None:
                 return  # gone: its next connection starts afresh
             outbox = session.control.outbox
-            if self.held_bytes <= self.settings.commands_max_held_bytes // 2 and not outbox.full:
+            # A bot that has sent all it held reads again even while the process is
+            # over: it is not the one holding memory (bots that do not read are), and
+            # pausing it until they are closed would let them starve it.
+            drained = outbox.scheduler.pending_commands == 0
+            if (self.held_bytes <= self.settings.commands_max_held_bytes // 2 or drained) and not outbox.full:
                 self._spawn(self.reader.resume(bot_id))
             else:
                 loop.call_later(0.2, check)
