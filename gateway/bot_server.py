@@ -345,6 +345,8 @@ class BotServer:
             conn=conn.conn_id,
             code=code,
             reason=conn.ws.close_reason or "",
+            # Which gateway says so: a bot may be connected to another one already.
+            gateway=self.settings.gateway_id,
         )
         log.info(
             "bot disconnected",
@@ -360,7 +362,7 @@ class BotServer:
             with contextlib.suppress(RedisError):
                 await self.reader.signal(conn.evicted_by, keys, reclaim=keys.bot_id)
         if ended:
-            self.publisher.event(keys, "session_ended", conn.channel)
+            self.publisher.event(keys, "session_ended", conn.channel, gateway=self.settings.gateway_id)
             self.publisher.expire(self._expiring(keys), self.settings.key_ttl_s)
 
     def _idle_watchdog(self, conn: BotConnection) -> None:

@@ -91,6 +91,17 @@ ENV_SETTINGS = {
 }
 
 
+def _stale(fields: dict[str, str], latest_gateway: str) -> bool:
+    """A ``disconnected`` or ``session_ended`` from another gateway than the one the bot
+    connected to last: it speaks for a connection the bot has already replaced.
+
+    ``session_ended`` is per gateway; events without a ``gateway`` field (older
+    gateways) are taken as they come.
+    """
+    said_by = fields.get("gateway", "")
+    return bool(said_by and latest_gateway and said_by != latest_gateway)
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """Everything a worker instance needs; units in the names.
@@ -464,6 +475,7 @@ class Worker:
         assert self._conns is not None
         start = f"{int((time.time() - self.settings.bootstrap_lookback_s) * 1000)}-0"
         alive: dict[str, str] = {}
+        gateway_of: dict[str, str] = {}  # the gateway of each bot's latest ``connected``
         last = "0-0"
         while True:
             entries = await client.xrange(key, min=start, max="+", count=1000)
@@ -472,7 +484,10 @@ class Worker:
                 f = {_s(k): _s(v) for k, v in raw.items()}
                 if f.get("type") == "connected" and f.get("commands_key"):
                     alive[f["bot_id"]] = f["commands_key"]
-                elif f.get("type") == "session_ended":
+                    gateway_of[f["bot_id"]] = f.get("gateway", "")
+                elif f.get("type") == "session_ended" and not _stale(
+                    f, gateway_of.get(f.get("bot_id", ""), "")
+                ):
                     alive.pop(f.get("bot_id", ""), None)
             if len(entries) < 1000:
                 break
@@ -900,6 +915,7 @@ class _BotRunner:
             await pool.hset(self.worker._registry, self.bot.bot_id, self.bot.commands_key)
 
     _last_event_id = ""
+    _gateway = ""  # the gateway of the bot's latest ``connected``
 
     async def _ensure_groups(self, client: Any) -> None:
         for key in (self.events_key, self.audio_key):
@@ -1023,9 +1039,14 @@ class _BotRunner:
         self._last_event_ms = _id_key(entry_id)[0]
         w.stats.events += 1
         t = event.type
+        if t in ("disconnected", "session_ended") and _stale(f, self._gateway):
+            # From a gateway the bot has already left for another (a drain, a reconnect):
+            # the bot goes on there. Its handlers are not told the meeting ended.
+            return
         if t == "connected":
             bot.connected = True
             self._ended = False
+            self._gateway = f.get("gateway") or self._gateway
             bot.commands_key = f.get("commands_key") or bot.commands_key
         elif t == "ready":
             bot.ready = True

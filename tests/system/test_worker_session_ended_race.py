@@ -17,7 +17,8 @@ three bots streamed for 13 s more, 1,765 frames and 6 chat questions, with no wo
 2. The bot's events, in this order: A ``disconnected`` (control), B ``connected``
    (control and audio, also on the global stream), A ``disconnected`` (audio) and A
    ``session_ended``; no audio for a moment, then frames again, on B.
-3. The bot must be handled again within 10 s (it is live on B). Today it never is.
+3. The bot must be handled again within 10 s (it is live on B). It never was, before
+   events said which gateway ended the session.
 """
 
 from __future__ import annotations
@@ -68,7 +69,6 @@ async def frame(client: aioredis.Redis, conn: str, seq: int) -> None:
     )
 
 
-@pytest.mark.xfail(strict=True, reason="workers/worker.py: one gateway's session_ended ends the bot")
 async def test_a_bot_back_on_another_gateway_before_the_old_one_ends_its_session_stays_handled(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
@@ -88,11 +88,11 @@ async def test_a_bot_back_on_another_gateway_before_the_old_one_ends_its_session
             await frame(redis_client, "a2", seq)
         await eventually(lambda: ("a2", 4) in handled, 10)
         # The drain's end on A, the bot already back on B, A's session_ended last.
-        await event(redis_client, "disconnected", "control", conn="a1", code=1012, reason="")
+        await event(redis_client, "disconnected", "control", conn="a1", code=1012, reason="", gateway="A")
         await event(redis_client, "connected", "control", conn="b1", gateway="B", **keys)
         await event(redis_client, "connected", "audio", conn="b2", gateway="B", **keys)
-        await event(redis_client, "disconnected", "audio", conn="a2", code=1012, reason="")
-        await event(redis_client, "session_ended", "control")
+        await event(redis_client, "disconnected", "audio", conn="a2", code=1012, reason="", gateway="A")
+        await event(redis_client, "session_ended", "control", gateway="A")
         await asyncio.sleep(1.0)  # the bot's audio resumes after its reconnect
         for seq in range(50):
             await frame(redis_client, "b2", seq)
