@@ -69,7 +69,10 @@ def gateway_args(overload_lag_s: float) -> list[str]:
 class Day:
     """Runs one day; ``await run()`` returns the ledger."""
 
-    def __init__(self, plan: DayPlan, run_dir: Path, overload_lag_s: float = 0.0) -> None:
+    def __init__(
+        self, plan: DayPlan, run_dir: Path, overload_lag_s: float = 0.0, full_coverage: bool = True
+    ) -> None:
+        self.full_coverage = full_coverage
         self.plan = plan.build() if not plan.meetings else plan
         self.run_dir = run_dir
         self.args = gateway_args(overload_lag_s)
@@ -93,7 +96,7 @@ class Day:
         scraping: asyncio.Task[None] | None = None
         try:
             started = time.monotonic()
-            await asyncio.to_thread(dep.start_cluster)
+            await asyncio.to_thread(dep.start_cluster, self.full_coverage)
             replicas = await asyncio.gather(*(asyncio.to_thread(dep.start_replica) for _ in range(3)))
             for replica in replicas:
                 dep.list_replica(replica.id)
@@ -389,6 +392,7 @@ class Day:
                 "auditor_rounds": self.auditor.rounds,
                 "cpu_s": self.dep.cpu_s,
                 "commit": self.commit,
+                "cluster_require_full_coverage": self.full_coverage,
             },
         )
 
@@ -411,8 +415,10 @@ class Day:
         (self.run_dir / "raw.json").write_text(json.dumps(raw, default=str))
 
 
-async def run_day(plan: DayPlan, run_dir: Path, overload_lag_s: float = 0.0) -> Ledger:
-    return await Day(plan, run_dir, overload_lag_s).run()
+async def run_day(
+    plan: DayPlan, run_dir: Path, overload_lag_s: float = 0.0, full_coverage: bool = True
+) -> Ledger:
+    return await Day(plan, run_dir, overload_lag_s, full_coverage).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,6 +434,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.25,
         help="the gateways' --overload-lag-s (production default 0.25; 0 turns load shedding off)",
+    )
+    p.add_argument(
+        "--cluster-full-coverage",
+        choices=("yes", "no"),
+        default="yes",
+        help="Redis's cluster-require-full-coverage (default yes: every node refuses writes until a"
+        " dead primary's replica is promoted)",
     )
     p.add_argument("--report", required=True, help="path prefix of REPORT.json/.md/.png")
     p.add_argument(
@@ -447,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         bot_procs=ns.bot_procs,
     ).build()
     started = time.monotonic()
-    ledger = asyncio.run(run_day(plan, run_dir, ns.overload_lag_s))
+    ledger = asyncio.run(run_day(plan, run_dir, ns.overload_lag_s, ns.cluster_full_coverage == "yes"))
     ledger.report["run"]["wall_s"] = round(time.monotonic() - started, 1)
     write_report(ledger, prefix)
     print(f"{prefix}.md: {len(ledger.problems)} problems")

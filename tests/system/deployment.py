@@ -173,8 +173,18 @@ class Deployment:
 
     # -- Redis -----------------------------------------------------------------
 
-    def start_cluster(self) -> None:
+    def start_cluster(self, full_coverage: bool = True) -> None:
+        """Start Redis; ``full_coverage=False`` sets ``cluster-require-full-coverage no``:
+        the live shards keep serving while a dead primary's slots have no owner (with
+        the default, every node answers CLUSTERDOWN until the promotion)."""
         self.cluster.start()
+        if not full_coverage:
+            for server in self.cluster.servers:
+                client = redis.Redis(port=server.port, socket_timeout=5)
+                try:
+                    client.config_set("cluster-require-full-coverage", "no")
+                finally:
+                    client.close()
 
     def seed_url(self) -> str:
         return self.cluster.url
