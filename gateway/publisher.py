@@ -532,7 +532,10 @@ class Publisher:
         if primaries is not None:
             self._router.slots_changed(primaries)
             for node in [n for n in self._raw if n is not None and n not in primaries]:
-                self._raw.pop(node).close()  # a node that serves nothing now
+                # A node that serves nothing now; never under a batch in flight, whose
+                # writes may have landed (failing them would write them twice).
+                if not any(node in f.nodes and not f.settled.done() for f in self._flights):
+                    self._raw.pop(node).close()
             self._arm_due_timer()
             self._wakeup.set()
 
