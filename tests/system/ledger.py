@@ -246,6 +246,25 @@ class Ledger:
             self.stored_idx[bot_id] = stored
             counts: Counter[str] = Counter()
             counts["captured"] = len(f_t)
+            # Order: a connection's frames must be in its stream in the order it sent them
+            # (PROTOCOL.md); the auditor's rows are in stream order.
+            top: dict[str, int] = {}
+            late: dict[str, list[tuple[int, int, int]]] = defaultdict(list)  # conn -> (seq, after, ms)
+            for row, (conn, seq) in enumerate(zip(cols["conn"], cols["seq"], strict=True)):
+                if seq < top.get(conn, -1) and len(by_idx[cols["idx"][row]]) == 1:
+                    late[conn].append((seq, top[conn], cols["ms"][row]))
+                top[conn] = max(top.get(conn, -1), seq)
+            for conn, overtaken in late.items():
+                counts["stored_out_of_order"] += len(overtaken)
+                self.problem(
+                    "frames stored after frames the bot sent after them",
+                    bot=bot_id,
+                    conn=conn,
+                    frames=len(overtaken),
+                    seqs=f"{overtaken[0][0]}..{overtaken[-1][0]} after {overtaken[0][1]}",
+                    stored_at_s=self.rel(overtaken[0][2] / 1000),
+                    fault=self.in_fault(overtaken[0][2] / 1000),
+                )
             for idx, rows in by_idx.items():
                 if len(rows) > 1:
                     t_store = cols["ms"][rows[1]] / 1000
@@ -336,6 +355,7 @@ class Ledger:
             "total": dict(totals),
             "explained_losses": dict(explained),
             "unexplained_losses": len(unexplained),
+            "stored_out_of_order": totals.get("stored_out_of_order", 0),
             "duplicates": dict(duplicates),
             "not_sent_by_phase": dict(unsent_by_phase),
             "sent_by_replica": dict(sent_by_replica),
