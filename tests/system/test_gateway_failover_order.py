@@ -1,8 +1,9 @@
 """Reproduction, found by the day's order check: after a Redis primary's failover (and
 during a slot migration), a bot's frames are stored out of order.
 
-Every CI-size day since the failover fix (7c06a38) had 127-889 frames of 1-7 bots stored
-after frames their bot sent later, all on the dead primary's keys: frames 457..611 of one
+Nine of ten CI-size days since the failover fix (7c06a38), the last two on 7051380, had
+127-889 frames of 1-7 bots stored after frames their bot sent later, all on the dead
+primary's keys: frames 457..611 of one
 bot went in after frame 612, which reached the promoted replica first; a slot migration
 reorders a few more. PROTOCOL.md: one entry per frame, "in the order the bot sent them";
 a worker then counts a seq gap (``MeetstreamWorkersLostAudio`` fires) and a repeat, and a
