@@ -115,7 +115,10 @@ class Publisher:
         self.may_pause: Callable[[], bool] = lambda: True
         self._raw: dict[tuple[str, int] | None, RawConnection] = {}
         # A Cluster's writes wait per node when one is down, never all of them (routing).
-        self._router: Router[_Op] = Router(backend.node_of, time.monotonic)
+        self._router: Router[_Op] = Router(
+            backend.node_of, time.monotonic, backend.slot_map_version if backend.is_cluster else None
+        )
+        self._map_version = backend.slot_map_version() if backend.is_cluster else 0
         self._due_timer: asyncio.TimerHandle | None = None
         self._refresh_task: asyncio.Task[None] | None = None
         self._raw_timeout_s = WRITE_SOCKET_TIMEOUT_S
@@ -405,6 +408,13 @@ class Publisher:
                         waited = True
                         await asyncio.sleep(wait_s)
                         continue  # flights may have settled meanwhile
+                    if cluster and flights and self.backend.slot_map_version() != self._map_version:
+                        # The slot map changed: let what is in flight settle (what fails is
+                        # parked, then filed under its key's new node) before anything newer
+                        # is routed, so that nothing overtakes an older write for its key.
+                        await asyncio.wait([f.settled for f in flights])
+                        continue
+                    self._map_version = self.backend.slot_map_version() if cluster else 0
                     waited = False
                     last_flush = loop.time()
                     batch = self._take_batch()

@@ -92,6 +92,10 @@ class RedisBackend:
         node = self.client.get_node_from_key(key)
         return node.host, node.port
 
+    def slot_map_version(self) -> int:
+        """Changes whenever the slot map was refreshed (by anyone: redis-py rebuilds it)."""
+        return id(self.client.nodes_manager.slots_cache) if self.is_cluster else 0
+
     async def refresh_slots(self) -> set[tuple[str, int]] | None:
         """Ask the cluster for its slot map again; the primaries now, or None (not a
         Cluster, or refreshed a moment ago). One refresh at a time, shared by callers.

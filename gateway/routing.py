@@ -48,9 +48,24 @@ class _Down:
 
 
 class Router(Generic[Op]):
-    def __init__(self, node_of: Callable[[str], Node], clock: Callable[[], float]) -> None:
+    """Order is kept per *key*: an op never goes out ahead of an older one for its key.
+
+    Ops are parked per node, and a key's node changes whenever the shared slot map is
+    refreshed (by us, the command readers, or redis-py on a MOVED). So when the map
+    changes (``map_version``; without one, on every call), what is parked is filed
+    again under the node that serves it now, before anything newer is routed.
+    """
+
+    def __init__(
+        self,
+        node_of: Callable[[str], Node],
+        clock: Callable[[], float],
+        map_version: Callable[[], object] | None = None,
+    ) -> None:
         self._node_of = node_of
         self._clock = clock
+        self._map_version = map_version
+        self._seen_version: object = None
         self.parked: dict[Node, list[Op]] = {}
         self.parked_bytes = 0  # audio bytes parked (counted against the audio budget)
         self.down: dict[Node, _Down] = {}
@@ -68,6 +83,11 @@ class Router(Generic[Op]):
         node; ops for a node that is down, or ``blocked`` (its connection was lost under
         ops still in flight), are parked instead, behind what is parked for it."""
         now = self._clock()
+        if self.parked:
+            version = self._map_version() if self._map_version is not None else object()
+            if version != self._seen_version:
+                self._seen_version = version
+                self.remap()
         due = [node for node in self.parked if self._may_send(node, now, blocked)]
         ops: Iterable[Op] = batch
         if due:
@@ -128,6 +148,14 @@ class Router(Generic[Op]):
             self.parked_bytes -= sum(op.size for op in ops)
             for op in ops:
                 self._park(self.node_of(op.key), [op])
+
+    def remap(self) -> None:
+        """File every parked op again under the node that serves its key now."""
+        ops = list(heapq.merge(*self.parked.values()))
+        self.parked.clear()
+        self.parked_bytes = 0
+        for op in ops:
+            self._park(self.node_of(op.key), [op])
 
     def next_due(self) -> float | None:
         """When parked ops may next be tried (None: nothing parked)."""

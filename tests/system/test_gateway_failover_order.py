@@ -19,7 +19,8 @@ node until its backoff ends.
 
 1. An op for key k fails on node A (dead): parked under A.
 2. The slot map now says k is on B (the replica promoted), and nothing told the router.
-3. A newer op for k is routed: it must not go to B ahead of the parked one. Today it does.
+3. A newer op for k is routed: it must not go to B ahead of the parked one. It did, before
+   the router filed parked ops again on a new slot map.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ class Op:
         return self.seq < other.seq
 
 
-@pytest.mark.xfail(strict=True, reason="gateway/routing.py keeps order per node, not per key")
 def test_a_newer_write_never_overtakes_a_parked_one_for_the_same_key() -> None:
     slot_map = {"meetstream:{bot}:audio": A}
     router: Router[Op] = Router(lambda key: slot_map[key], clock=lambda: 100.0)
