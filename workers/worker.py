@@ -653,19 +653,20 @@ class Worker:
                 continue
             sent = time.monotonic()
             try:
-                pipe = self._conns.client.pipeline(transaction=False)
-                for r in runners:
-                    pipe.eval(ownership.RENEW, 1, r.lease, s.instance_id, int(s.lease_ttl_s * 1000))
-                    pipe.exists(r.events_key)
-                results = await pipe.execute()
+                outcomes: list[tuple[Any, Any] | None] = await self._renew(runners)
             except (RedisError, OSError) as exc:
-                # Runners stop by themselves once their local validity runs out.
+                # One node that does not answer fails a whole pipeline: renew bot by bot,
+                # so that only the bots whose keys live on it lapse (a dead node used to
+                # move every bot of the instance to another one).
                 self.stats.redis_errors += 1
                 self.metrics.redis_errors.inc()
-                log.warning("lease renewal failed", extra={"error": repr(exc), "bots": len(runners)})
-                continue
-            for i, r in enumerate(runners):
-                renewed, exists = results[2 * i], results[2 * i + 1]
+                log.warning("lease renewal failed, renewing one by one", extra={"error": repr(exc)})
+                each = await asyncio.gather(*(self._renew([r]) for r in runners), return_exceptions=True)
+                outcomes = [None if isinstance(o, BaseException) else o[0] for o in each]
+            for r, outcome in zip(runners, outcomes, strict=True):
+                if outcome is None:
+                    continue  # its runner stops by itself once its local validity runs out
+                renewed, exists = outcome
                 if not renewed:
                     log.warning("lease lost", extra={"bot_id": r.bot.bot_id})
                     r.lease_lost()
@@ -673,6 +674,17 @@ class Worker:
                     r.request_stop("expired")
                 else:
                     r.valid_until = sent + s.lease_ttl_s * 0.8
+
+    async def _renew(self, runners: list[_BotRunner]) -> list[tuple[Any, Any] | None]:
+        """Renew the runners' leases and see that their bots' keys still exist, in one pipeline."""
+        assert self._conns is not None
+        s = self.settings
+        pipe = self._conns.client.pipeline(transaction=False)
+        for r in runners:
+            pipe.eval(ownership.RENEW, 1, r.lease, s.instance_id, int(s.lease_ttl_s * 1000))
+            pipe.exists(r.events_key)
+        results = await pipe.execute()
+        return [(results[2 * i], results[2 * i + 1]) for i in range(len(runners))]
 
     async def _release(self, bot_ids: list[str]) -> None:
         if not bot_ids or self._conns is None:

@@ -146,3 +146,38 @@ async def test_two_instances_share_bots_and_clean_stop_hands_back(gateway, worke
         finally:
             for bot in bots:
                 await bot.close()
+
+
+async def test_a_renewal_that_fails_as_a_whole_lapses_only_the_bots_that_fail_alone(
+    gateway, redis_url, monkeypatch
+):
+    """A dead Cluster node fails the whole renewal pipeline: the instance renews bot by
+    bot, and only the bots whose keys live on it lapse (all of them moved, before)."""
+    from gateway.testing.bot import SimulatedBot
+    from tests.conftest import ws_url
+    from tests.workers.conftest import eventually, fast_settings, running
+    from workers.worker import Worker
+
+    worker = Worker(fast_settings(redis_url), handle_signals=False)
+    bots = [SimulatedBot(ws_url(gateway), f"renew{i}") for i in range(3)]
+    async with running(worker):
+        for bot in bots:
+            await bot.connect()
+        await eventually(lambda: len(worker._runners) == 3, 10)
+        renew = Worker._renew
+        doomed = "renew0"
+
+        async def one_node_down(self, runners):
+            if any(r.bot.bot_id == doomed for r in runners):
+                raise ConnectionError("node of renew0 is down")
+            return await renew(self, runners)
+
+        monkeypatch.setattr(Worker, "_renew", one_node_down)
+        before = dict(worker._runners)
+        await asyncio.sleep(worker.settings.lease_ttl_s * 2)
+        # The same runners still handle the healthy bots: never stopped, never taken again.
+        for bot_id in ("renew1", "renew2"):
+            assert worker._runners.get(bot_id) is before[bot_id], f"{bot_id} lapsed and moved"
+        assert worker._runners.get(doomed) is not before[doomed]  # its lease could not be kept
+        for bot in bots:
+            await bot.close()
