@@ -6,7 +6,7 @@ from turning into a flood of log lines.
 
 A record is always one line of printable UTF-8, whatever a client put into it
 (a request path, a bot's text): every character ``str.isprintable`` refuses is
-written as a JSON ``\\uXXXX`` escape. That covers C0 and C1 controls and DEL
+written as a JSON escape of four hex digits (``\\u001b`` for ESC). That covers C0 and C1 controls and DEL
 (terminal escapes), the line breaks some readers split on besides ``\\n``
 (U+0085, U+2028, U+2029, which ``json.dumps(ensure_ascii=False)`` leaves raw),
 lone surrogates (not encodable: a strict stream raised, a lenient one wrote

@@ -690,9 +690,14 @@ class Publisher:
         for conn in self._raw.values():
             conn.close()
         if not flushed:
-            lost_audio = len(self._audio)
+            # What waits for a Cluster node that never came back is lost too: count it.
+            parked = [op for ops in self._router.parked.values() for op in ops]
+            lost_audio = len(self._audio) + sum(op.kind == "audio" for op in parked)
             self.metrics.dropped.labels("redis_error").inc(lost_audio)
             log.error(
                 "stopped with writes unsent",
-                extra={"audio_frames": lost_audio, "control_ops": len(self._control)},
+                extra={
+                    "audio_frames": lost_audio,
+                    "control_ops": len(self._control) + sum(op.kind != "audio" for op in parked),
+                },
             )

@@ -217,3 +217,12 @@ def test_handshake_and_path_must_agree():
         handshake_bot_id({"bot_id": "b2"}, Route("control", "b1"))
     with pytest.raises(BadRoute, match="no_bot_id"):
         handshake_bot_id({"type": "ready"}, Route("audio", None))
+
+
+def test_a_string_with_no_utf8_form_is_written_escaped_not_raised():
+    """The last line of defence under validation: an event that echoes a lone surrogate
+    must not kill the task that publishes it."""
+    from gateway.resp import encode_arg
+
+    assert encode_arg("cut \ud83d") == b"cut \\ud83d"
+    assert encode_arg("Zo\u00eb") == "Zoë".encode()
