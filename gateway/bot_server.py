@@ -393,9 +393,8 @@ class BotServer:
         if data_frame and conn.frames is not None:
             conn.seq += 1  # a frame dropped by policy still takes a seq: workers see the gap
         self._drop(conn, reason)
-        ws = conn.ws
-        budget = getattr(ws, "budget", None)
-        if budget is not None and budget.violating and isinstance(ws, BotWebSocket) and not ws.discard:
+        ws = conn.ws  # a BotWebSocket: only it reports refusals
+        if isinstance(ws, BotWebSocket) and ws.budget is not None and ws.budget.violating and not ws.discard:
             log.warning(
                 "bot keeps sending over its limits, closing",
                 extra={"bot_id": conn.bot_id, "channel": conn.channel, "reason": reason},
