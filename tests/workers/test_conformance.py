@@ -12,6 +12,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.workers.conftest import needs_node
 from workers.conformance import KitConfig, run
 from workers.conformance import checks as ck
