@@ -129,6 +129,3 @@ class RateLimiter:
         self._state[key] = (tokens, now)
         self.suppressed += 1
         return False
-
-    def forget(self, key: str) -> None:
-        self._state.pop(key, None)

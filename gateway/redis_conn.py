@@ -14,7 +14,6 @@ import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
-from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -35,8 +34,6 @@ CONNECT_TIMEOUT_S = 5.0
 SLOT_REFRESH_MIN_S = 0.25
 POOL_WAIT_S = 10.0
 
-Client = aioredis.Redis | RedisCluster
-
 
 @dataclass
 class RedisBackend:
@@ -48,29 +45,6 @@ class RedisBackend:
     clock_offset_ms: int = 0  # Redis TIME minus our wall clock
     _refreshing: asyncio.Future[set[tuple[str, int]]] | None = field(default=None, repr=False)
     _refreshed_at: float = field(default=0.0, repr=False)
-
-    def slot(self, key: str) -> int:
-        return key_slot(key.encode()) if self.is_cluster else 0
-
-    async def dedicated(self, key: str, socket_timeout_s: float) -> aioredis.Redis:
-        """A single-connection client to the node that serves ``key``.
-
-        Blocking reads get a connection of their own, never one from the shared
-        pool: a cancelled blocking read must not hand a still-blocked connection
-        back to the pool (it would answer the next caller with stale data).
-        """
-        kwargs: dict[str, Any] = dict(parse_url(self.url))
-        if self.is_cluster:
-            node = self.client.get_node_from_key(key)
-            kwargs.update(host=node.host, port=node.port)
-            kwargs.pop("db", None)
-        kwargs.update(
-            single_connection_client=True,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=CONNECT_TIMEOUT_S,
-            decode_responses=False,
-        )
-        return aioredis.Redis(**kwargs)
 
     def raw_params(self) -> dict[str, Any]:
         """Credentials and TLS options of the URL, for :class:`RawConnection`."""
