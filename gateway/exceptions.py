@@ -8,12 +8,15 @@ Every exception the gateway defines derives from :class:`GatewayError`::
     │   ├── MessageError          a text frame that is not the JSON we expect
     │   └── BadRoute              a request path or bot_id we cannot serve
     ├── CommandRejected           a worker's command that must not reach the bot
+    ├── AuthError                 a bot token missing, malformed, expired or for another bot
+    │                             (defined in gateway.auth, next to the token code)
     ├── ConfigError               settings that cannot work together
-    └── RedisUnavailable          Redis could not be reached within the retry budget
+    ├── RedisUnavailable          Redis could not be reached within the retry budget
+    └── InternalTaskFailed        a task the gateway cannot serve without ended by itself
 
-Each carries a short machine ``reason`` (a closed set, used as a metric label)
-and a human ``detail``. Neither is ever put in a WebSocket close reason verbatim
-when it may echo untrusted input.
+The protocol, command and auth errors carry a short machine ``reason`` (a
+closed set, used as a metric label) and a human ``detail``. Neither is ever put
+in a WebSocket close reason verbatim when it may echo untrusted input.
 """
 
 from __future__ import annotations

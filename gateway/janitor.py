@@ -44,10 +44,10 @@ from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Keys SCAN walks per call: ~0.5 ms of Redis each (measured, 40,000 keys).
+#: Keys SCAN walks per call: short enough that one SCAN holds Redis under a millisecond.
 SCAN_COUNT = 500
-#: Streams swept per pipeline: 10-15 µs of Redis each (measured), so that a pipeline,
-#: whose commands Redis runs back to back, holds it for ~1.5 ms at most.
+#: Streams swept per pipeline, which Redis runs back to back: ~1.5 ms of it at most
+#: (per-stream cost in docs/ARCHITECTURE.md, "Housekeeping").
 SWEEP_BATCH = 100
 #: Rest after each round trip, so that a pass leaves Redis idle most of the time: a
 #: keyspace of 1,000,000 keys is 2,000 SCANs, and 20 s of rest between them.

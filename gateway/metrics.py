@@ -320,8 +320,8 @@ def watch_gc(pause: Histogram) -> Callable[[], None]:
     """Time every cyclic collection into ``pause``; returns the function that stops it.
 
     A full collection walks every live container object and stops the event loop
-    while it does (40 ms at 500 bots, measured): the one latency spike no
-    other metric explains.
+    while it does (tens of ms with hundreds of bots, docs/ARCHITECTURE.md): the one
+    latency spike no other metric explains.
     """
     started = [0.0]
     observers = {str(g): pause.labels(str(g)) for g in range(3)}

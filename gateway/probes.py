@@ -1,7 +1,9 @@
 """The metrics and probe HTTP server: ``/metrics``, ``/healthz``, ``/readyz``.
 
 A deliberately tiny HTTP/1.1 responder on its own port, so that scraping and
-probing never share a port (or a code path) with bot traffic.
+the chart's probes do not share a port (or a code path) with bot traffic. The bot
+port answers ``/healthz`` and ``/readyz`` as well (``BotServer.process_request``),
+for load balancers that can only check the port they route to.
 """
 
 from __future__ import annotations

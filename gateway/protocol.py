@@ -132,9 +132,8 @@ def _finite_or_null(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-# Built once: json.loads with hooks builds a decoder per call. The strict one adds one
-# dict() and a length test per object (0.1-0.2 us over json.loads on a 220-byte ready
-# message); the lenient one reads only what the strict one refused.
+# Built once (json.loads with hooks builds a decoder per call); the lenient one reads only
+# what the strict one refused. Cost: docs/BENCHMARKS.md, "Figures behind the code".
 _STRICT_JSON = json.JSONDecoder(object_pairs_hook=_strict_pairs, parse_constant=_strict_constant)
 _LENIENT_JSON = json.JSONDecoder(parse_constant=lambda _name: None, parse_float=_finite_or_null)
 

@@ -140,8 +140,8 @@ class FrameEncoder:
     A bot repeats each speaker's frame header (speaker id and name) and its frame
     size frame after frame, so the part of the command they make is kept: a frame
     that starts with the same header bytes and has the same length decodes the
-    same, and is not decoded again (that, and encoding the speaker anew, was
-    ~30% of the per-frame Python, measured by ``bench.hotpath``). The last header is checked first; the others
+    same, and is not decoded again (docs/ARCHITECTURE.md: a large share of the
+    per-frame Python, by ``bench.hotpath``). The last header is checked first; the others
     seen lately (several people talking take turns, frame by frame) are looked
     up. Anything new is parsed by :func:`~gateway.protocol.parse_audio_frame`,
     so bad frames fail as they always do, with a

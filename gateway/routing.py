@@ -3,8 +3,8 @@
 A dead primary answers nothing, so no MOVED ever tells a client its slots moved:
 the slot map must be refreshed when a node stops answering (the publisher asks
 :meth:`~gateway.redis_conn.RedisBackend.refresh_slots`), and until its replica
-takes over (the cluster's node timeout, then an election: 2-3 s measured with a
-1 s timeout), writes for its slots must wait *without holding up anyone else's*.
+takes over (the cluster's node timeout, then an election: seconds, docs/OPERATIONS.md),
+writes for its slots must wait *without holding up anyone else's*.
 A batch that fails on one node used to be retried first, whole, which stopped
 every bot's audio while one node was gone.
 

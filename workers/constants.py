@@ -1,8 +1,10 @@
 """Every Redis key name and default of the worker SDK, in one place.
 
-The gateway's keys (``docs/PROTOCOL.md``) are read, never invented: a bot's
-stream names come from its ``connected`` event. The SDK adds two keys of its own,
-both single-key and Cluster-safe::
+The gateway's keys (``docs/PROTOCOL.md``) are built here by the same rule as
+``gateway/keys.py`` (the global ``{prefix}:events`` and a bot's ``{prefix}:{BOT}:events``
+and ``:audio``), except the command stream, whose shard tag is the gateway's to
+choose: its name is read from the bot's ``connected`` event, never computed.
+The SDK adds two keys of its own, both single-key and Cluster-safe::
 
     {prefix}:{BOT}:lease:{group}     who in a worker group owns the bot (SET NX PX)
     {prefix}:workers:{group}:bots    hash bot_id -> commands_key: the group's live bots

@@ -503,6 +503,27 @@ async def test_probes_and_metrics_endpoint(gateway):
     assert (await asyncio.to_thread(get, "/readyz"))[0] == 503
 
 
+async def test_the_bot_port_answers_health_probes_too(gateway):
+    """docs/DEPLOY.md: load balancers that only reach the bot port can check it."""
+    import urllib.request
+
+    base = f"http://127.0.0.1:{gateway.port}"
+
+    def get(path):
+        try:
+            with urllib.request.urlopen(base + path, timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert await asyncio.to_thread(get, "/healthz") == 200
+    await eventually(lambda: gateway.is_ready())
+    assert await asyncio.to_thread(get, "/readyz") == 200
+    assert await asyncio.to_thread(get, "/metrics") != 200  # metrics stay on their own port
+    gateway.bots.draining = True
+    assert await asyncio.to_thread(get, "/readyz") == 503
+
+
 async def test_drain_refuses_new_bots_then_closes_remaining_with_1012(redis_url, redis_client):
     async with running_gateway(redis_url) as gw:
         bot = SimulatedBot(ws_url(gw), "bot_stay")
