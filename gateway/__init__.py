@@ -6,4 +6,11 @@ The sans-I/O core sits at the top of the package (:mod:`gateway.protocol`,
 :mod:`gateway.command_reader`, and :mod:`gateway.app` owns the lifecycle.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    # pyproject.toml's [project] version is the one place it is written (the chart's
+    # appVersion follows it, tests/unit/test_version.py).
+    __version__ = version("meetstream-gateway")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from gateway import __version__
 from gateway.auth import mint, split_secrets
 from gateway.exceptions import ConfigError, GatewayError
 from gateway.keys import KeySpace
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meetstream-gateway", description="Meetstream bot sockets bridged to Redis Streams."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="cmd")
     run = sub.add_parser("run", help="serve bots (the default)")
     add_settings_arguments(run)
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"run", "keys", "token"}
-    if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help", "--version")):
         argv = ["run", *argv]
     ns = build_parser().parse_args(argv)
     try:

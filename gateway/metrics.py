@@ -12,10 +12,11 @@ import gc
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway import __version__
 from gateway.auth import AUTH_FAILURES
 from gateway.commands import COMMANDS, REJECT_REASONS
 from gateway.protocol import CHANNELS, FRAME_ERRORS
@@ -107,6 +108,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # meetstream_gateway_build_info{version}: which release each replica runs, mid-rollout.
+        Info(f"{NS}_build", "The gateway's version", registry=r).info({"version": __version__})
         self.connections = Gauge(
             f"{NS}_connections", "Open bot WebSocket connections", ["channel"], registry=r
         )
