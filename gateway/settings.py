@@ -3,11 +3,17 @@
 Every field is an option: ``--audio-maxlen`` on the command line, or
 ``MEETSTREAM_AUDIO_MAXLEN`` in the environment (a flag wins over the variable).
 Units are in the names. ``python -m gateway.settings`` prints the README table.
+
+The gateway owns the ``MEETSTREAM_`` namespace: a variable there that is neither
+one of its settings nor another component's (:data:`FOREIGN_ENV_PREFIXES`,
+:data:`FOREIGN_ENV`) stops it at start, so that a typo fails instead of being
+ignored. Other components share the environment (a compose file, a pod spec).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import socket
 import uuid
@@ -19,6 +25,24 @@ from gateway.auth import split_secrets
 from gateway.exceptions import ConfigError
 
 ENV_PREFIX = "MEETSTREAM_"
+#: Names under these prefixes belong to other components; the gateway never reads them.
+#: Workers (the SDK's MEETSTREAM_WORKER_*, and any worker's own) and the Pipecat bridge.
+FOREIGN_ENV_PREFIXES = ("MEETSTREAM_WORKER_", "MEETSTREAM_PIPECAT_")
+#: Names outside those prefixes that are read elsewhere than Settings (docs/DEPLOY.md).
+FOREIGN_ENV = frozenset(
+    {
+        # the worker SDK (workers.worker.ENV_SETTINGS) and the Node.js worker
+        "MEETSTREAM_BOT_NAME",
+        "MEETSTREAM_LEASE_TTL_S",
+        "MEETSTREAM_LEASE_RENEW_S",
+        "MEETSTREAM_CLAIM_INTERVAL_S",
+        "MEETSTREAM_CONFORMANCE",
+        # the redis-server the embedded Redis and the tests start (gateway.embedded_redis)
+        "MEETSTREAM_REDIS_SERVER_BIN",
+        # tests/system: where the day's report is kept
+        "MEETSTREAM_SYSTEM_REPORT",
+    }
+)
 ClusterMode = Literal["auto", "yes", "no"]
 LogFormat = Literal["json", "text"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -273,6 +297,8 @@ class Settings:
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+        """Flags in ``ns`` over ``environ``; raises ConfigError on an unknown ``MEETSTREAM_*``."""
+        check_env_names(environ)
         hints = get_type_hints(cls)
         values: dict[str, Any] = {}
         for f in fields(cls):
@@ -290,6 +316,29 @@ class Settings:
 
 def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
+
+
+def check_env_names(environ: Mapping[str, str]) -> None:
+    """Refuse a ``MEETSTREAM_*`` name that no component reads: it is a typo (ConfigError)."""
+    own = {env_name(f.name) for f in fields(Settings)}
+    unknown = sorted(
+        name
+        for name in environ
+        if name.startswith(ENV_PREFIX)
+        and name not in own
+        and name not in FOREIGN_ENV
+        and not name.startswith(FOREIGN_ENV_PREFIXES)
+    )
+    if not unknown:
+        return
+    problems = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(own | FOREIGN_ENV), n=1)
+        problems.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    raise ConfigError(
+        f"unknown environment variable{'s' if len(unknown) > 1 else ''} {', '.join(problems)}: "
+        "not a gateway setting (python -m gateway.settings lists them)"
+    )
 
 
 def flag_name(name: str) -> str:
