@@ -603,8 +603,11 @@ class Worker:
                     nx=True,
                     px=int(s.lease_ttl_s * 1000),
                 )
-            for bot_id, got in zip(batch, await pipe.execute(), strict=True):
+            replies = await pipe.execute()
+            gone = await self._left_meanwhile([b for b, got in zip(batch, replies, strict=True) if got])
+            for bot_id, got in zip(batch, replies, strict=True):
                 self._free_since.pop(bot_id, None)
+                got = got and bot_id not in gone
                 if bot_id in overdue:
                     tried += 1
                     won += bool(got)
@@ -613,6 +616,25 @@ class Worker:
                     won_fresh += bool(got)
                 if got and not self._stopping:
                     self._start_runner(bot_id, registry[bot_id], sent + s.lease_ttl_s * 0.8)
+
+    async def _left_meanwhile(self, won: list[str]) -> set[str]:
+        """Bots won that left since this round read the registry; their leases are released.
+
+        The last owner forgets a bot before it releases the lease, so a lease won after
+        that release finds the bot gone: its ``session_ended`` is handled already and a
+        new owner would wait on its streams for good.
+        """
+        if not won:
+            return set()
+        assert self._conns is not None
+        pipe = self._conns.client.pipeline(transaction=False)
+        for bot_id in won:
+            pipe.hexists(self._registry, bot_id)
+        gone = {b for b, known in zip(won, await pipe.execute(), strict=True) if not known}
+        if gone:
+            await self._release(sorted(gone))
+            log.info("bots left while being claimed; leases released", extra={"bots": sorted(gone)})
+        return gone
 
     def _maybe_shed(self, bots: int, members: list[str], held: Mapping[str, int]) -> None:
         """Hand one bot back if we hold more than our share and someone holds two fewer."""

@@ -214,3 +214,45 @@ async def test_commands_are_refused_once_the_lease_may_have_lapsed():
     with pytest.raises(LeaseLost):
         await bot.say(b"\x00\x00" * 480, 48_000)
     assert len(written) == 1
+
+
+async def test_a_bot_that_left_while_being_claimed_is_released_not_handled(
+    gateway, worker_settings, redis_client
+):
+    """The race a mixed group once lost in CI: 1. a owns a bot, which leaves; a reads it dry,
+    forgets it and releases its lease; 2. b's claim round had read the registry before a forgot
+    the bot (here: b is fed that stale registry every round), so b finds the lease free and wins
+    it; 3. b must release it at once: its session_ended is handled already, and an owner that
+    started now would wait on its streams for good and never stop with session_ended."""
+    a = Worker(worker_settings(), handle_signals=False)
+    bot = await SimulatedBot(ws_url(gateway), "leaver").connect()
+    registry_key = "meetstream:workers:test:bots"
+    try:
+        async with running(a):
+            await eventually(lambda: list(a.bots) == ["leaver"], what="a owns the bot")
+            stale = await redis_client.hgetall(registry_key)
+            await bot.close()
+            await eventually(lambda: not a.bots, what="a lets the bot go")
+    finally:
+        await bot.close()
+    assert b"leaver" in stale and not await redis_client.hexists(registry_key, "leaver")
+
+    b = Worker(worker_settings(), handle_signals=False)
+    async with running(b):
+        await eventually(lambda: b._conns is not None, what="b connected")
+        assert b._conns is not None
+        client = b._conns.client
+
+        async def stale_registry(key: str) -> dict[bytes, bytes]:
+            return dict(stale) if key == registry_key else await client.__class__.hgetall(client, key)
+
+        client.hgetall = stale_registry  # type: ignore[method-assign]
+        await asyncio.sleep(10 * b.settings.claim_interval_s)
+        assert not b.bots
+    journal = [
+        {k.decode(): v.decode() for k, v in f.items()}
+        for _, f in await redis_client.xrange("meetstream:workers:test:journal")
+    ]
+    starts = [r["instance"] for r in journal if r["type"] == "start" and r["bot_id"] == "leaver"]
+    assert starts == [a.instance_id], "b started a bot whose meeting was over"
+    assert not await redis_client.exists("meetstream:{leaver}:lease:test")

@@ -278,14 +278,35 @@ class WorkerGroup {
       const pipe = this.redis.pipeline();
       for (const b of [...batch, ...freshBatch]) pipe.set(this.leaseKey(b), this.instance, "PX", Math.round(this.leaseTtlS * 1000), "NX");
       const replies = await pipe.exec();
+      const gone = await this._leftMeanwhile([...batch, ...freshBatch].filter((b, i) => replies[i][1] === "OK"));
       [...batch, ...freshBatch].forEach((b, i) => {
-        const got = replies[i][1] === "OK";
+        const got = replies[i][1] === "OK" && !gone.has(b);
         this.freeSince.delete(b);
         if (i < batch.length) won += got;
         else wonFresh += got;
         if (got && !this.stopping) this._startRunner(b, registry[b], sent + this.leaseTtlS * 0.8);
       });
     }
+  }
+
+  // A lease won after the bot's last owner forgot it (HDEL comes before its release):
+  // the bot left meanwhile and nobody would read past its session_ended. Release it.
+  async _leftMeanwhile(won) {
+    const gone = new Set();
+    if (!won.length) return gone;
+    const pipe = this.redis.pipeline();
+    for (const b of won) pipe.hexists(this.keys.registry, b);
+    const known = await pipe.exec();
+    won.forEach((b, i) => {
+      if (!known[i][1]) gone.add(b);
+    });
+    if (gone.size) {
+      const rel = this.redis.pipeline();
+      for (const b of gone) rel.eval(RELEASE, 1, this.leaseKey(b), this.instance);
+      await rel.exec();
+      this.log("bots left while being claimed; leases released", { bots: [...gone] });
+    }
+    return gone;
   }
 
   // Above the fair share while another member holds two fewer: hand one bot back.
