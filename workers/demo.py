@@ -89,6 +89,26 @@ async def _bot(url: str, bot_id: str, seconds: float) -> None:
         await asyncio.sleep(0.5)
 
 
+async def _stop_workers(procs: list[subprocess.Popen[bytes]], timeout_s: float = 15.0) -> None:
+    """SIGTERM each worker and wait for all of them off the event loop.
+
+    The gateway shares this loop: a blocking ``wait()`` here froze it for as long
+    as the workers took to hand their bots back, and its overload watch rightly
+    read that as a lagging loop ("overloaded: shedding audio") at every demo's end.
+    """
+
+    def wait(p: subprocess.Popen[bytes]) -> None:
+        try:
+            p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+    for p in procs:
+        p.terminate()
+    await asyncio.gather(*(asyncio.to_thread(wait, p) for p in procs))
+
+
 async def main_async(args: argparse.Namespace) -> int:
     redis = RedisServer().start()
     out = Path(args.out or tempfile.mkdtemp(prefix="meetstream-demo-"))
@@ -129,14 +149,7 @@ async def main_async(args: argparse.Namespace) -> int:
         wavs = sorted(str(p.relative_to(out)) for p in out.rglob("*.wav"))  # noqa: ASYNC240 (a demo, at the end)
         print(f"  recorder wrote {len(wavs)} WAV files: {', '.join(wavs)}", flush=True)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        await _stop_workers(procs)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(gw.stop(), 30)
         redis.stop()
