@@ -20,7 +20,7 @@ import logging
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, Protocol
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -107,15 +107,30 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     logging.getLogger("websockets").setLevel(logging.WARNING if level != "debug" else logging.INFO)
 
 
-class RateLimiter:
-    """Allow ``burst`` events, then one per ``interval_s``, per key; count the rest."""
+class _Incrementable(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
 
-    def __init__(self, burst: int = 5, interval_s: float = 10.0, max_keys: int = 10_000) -> None:
+
+class RateLimiter:
+    """Allow ``burst`` events, then one per ``interval_s``, per key; count the rest.
+
+    ``counter`` (``meetstream_gateway_log_lines_suppressed_total``) is told of every
+    line held back, so that an operator sees that the log is not the whole story.
+    """
+
+    def __init__(
+        self,
+        burst: int = 5,
+        interval_s: float = 10.0,
+        max_keys: int = 10_000,
+        counter: _Incrementable | None = None,
+    ) -> None:
         self.burst = burst
         self.interval_s = interval_s
         self.max_keys = max_keys
         self._state: dict[str, tuple[float, float]] = {}
         self.suppressed = 0
+        self.counter = counter
 
     def allow(self, key: str, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
@@ -128,4 +143,6 @@ class RateLimiter:
             return True
         self._state[key] = (tokens, now)
         self.suppressed += 1
+        if self.counter is not None:
+            self.counter.inc()
         return False

@@ -154,7 +154,9 @@ class Metrics:
             registry=r,
         )
         self.publish_buffer_bytes = Gauge(
-            f"{NS}_publish_buffer_bytes", "Bytes waiting to be written to Redis", registry=r
+            f"{NS}_publish_buffer_bytes",
+            "Bytes held for Redis, not yet written (audio, events, acks; parked for a Cluster node)",
+            registry=r,
         )
         self.commands_delivered = Counter(
             f"{NS}_commands_delivered_total", "Commands sent to bots", ["command"], registry=r

@@ -133,7 +133,9 @@ class Publisher:
         self._event_trims: dict[str, StreamTrim] = {}
         self._global_trim = StreamTrim(settings.global_events_maxlen, settings.global_events_max_bytes)
         self._control_bytes = 0
-        self._log_limit = RateLimiter(burst=5, interval_s=10.0)
+        self._log_limit = RateLimiter(burst=5, interval_s=10.0, counter=metrics.log_suppressed)
+        # Read at scrape time: a gauge set on every frame would cost the hot path a lock.
+        metrics.publish_buffer_bytes.set_function(self.buffered_bytes)
 
     # -- producers (synchronous: never wait on Redis) -----------------------
 
@@ -293,6 +295,10 @@ class Publisher:
     @property
     def pending(self) -> int:
         return len(self._audio) + len(self._control)
+
+    def buffered_bytes(self) -> float:
+        """Audio and control bytes held for Redis, parked ones included (not those in flight)."""
+        return float(self._audio_bytes + self._control_bytes + self._router.parked_bytes)
 
     # -- the writer task ----------------------------------------------------
 
