@@ -1,0 +1,1 @@
+"""Pipecat example agents (need the ``pipecat`` extra)."""
