@@ -28,7 +28,8 @@ def test_ruff_is_clean(command: tuple[str, ...]) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_gateway_type_checks_strict() -> None:
-    # Settings in pyproject.toml ([tool.mypy]: strict, packages = gateway).
+def test_gateway_and_worker_sdk_type_check_strict() -> None:
+    # Settings in pyproject.toml ([tool.mypy]: strict, packages = gateway and workers;
+    # workers/pipecat excluded).
     result = run("mypy")
     assert result.returncode == 0, result.stdout + result.stderr

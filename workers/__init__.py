@@ -17,8 +17,10 @@ See ``docs/WORKERS.md``.
 
 from workers.audio import AudioFrame, Resampler, VoiceDetector, resample
 from workers.bot import Bot, Event, LeaseLost
-from workers.constants import NO_SPEAKER
-from workers.worker import STOP_REASONS, Worker, WorkerSettings, WorkerStats
+from workers.constants import NO_SPEAKER, STOP_REASONS
+from workers.settings import WorkerSettings
+from workers.stats import WorkerStats
+from workers.worker import Worker
 
 __all__ = [
     "NO_SPEAKER",

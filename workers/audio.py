@@ -9,6 +9,7 @@ avoids a click at every frame boundary.
 
 from __future__ import annotations
 
+import math
 import wave
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,8 @@ def to_int16(samples: np.ndarray) -> np.ndarray:
     """float32 in [-1, 1] -> int16, clipped (int16 input passes through)."""
     if samples.dtype == np.int16:
         return samples
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
+    clipped: np.ndarray = np.clip(samples, -1.0, 1.0) * 32767.0
+    return clipped.astype(np.int16)
 
 
 def to_pcm16(samples: np.ndarray | bytes) -> bytes:
@@ -80,7 +82,8 @@ def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     x = samples if samples.dtype == np.float32 else to_float32(samples)
     if from_rate == to_rate:
         return x
-    return soxr.resample(x, from_rate, to_rate).astype(np.float32, copy=False)
+    out: np.ndarray = soxr.resample(x, from_rate, to_rate)
+    return out.astype(np.float32, copy=False)
 
 
 class Resampler:
@@ -93,7 +96,8 @@ class Resampler:
         x = frame.float32 if isinstance(frame, AudioFrame) else frame
         if x.dtype != np.float32:
             x = to_float32(x)
-        return self._stream.resample_chunk(x, last=last)
+        out: np.ndarray = self._stream.resample_chunk(x, last=last)
+        return out
 
 
 def rms_dbfs(samples: np.ndarray) -> float:
@@ -101,7 +105,7 @@ def rms_dbfs(samples: np.ndarray) -> float:
     if not len(x):
         return -120.0
     rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
-    return 20 * np.log10(max(rms, 1e-6))
+    return 20 * math.log10(max(rms, 1e-6))
 
 
 def voice_band_ratio(

@@ -43,7 +43,7 @@ class Connections:
 
     async def dedicated(self, key: str, block_ms: int) -> aioredis.Redis:
         """A single-connection client on the node that serves ``key``."""
-        kwargs: dict[str, Any] = parse_url(self.settings.url)
+        kwargs: dict[str, Any] = dict(parse_url(self.settings.url))
         if self.is_cluster:
             node = self.client.get_node_from_key(key)
             kwargs.update(host=node.host, port=node.port)

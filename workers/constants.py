@@ -31,6 +31,8 @@ BOT_SAMPLE_RATE = 48_000
 
 PLAYBACK_EVENTS = ("playback_started", "playback_finished", "playback_interrupted")
 LIFECYCLE_EVENTS = ("connected", "ready", "audio_handshake", "disconnected", "session_ended")
+#: Why an instance stopped handling a bot (passed to ``on_bot_stop`` handlers).
+STOP_REASONS = ("session_ended", "released", "lease_lost", "expired", "error")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
 

@@ -20,9 +20,11 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
+from redis.typing import KeyT, StreamIdT
 
 from gateway.app import Gateway
 from gateway.embedded_redis import RedisServer, free_port
@@ -37,18 +39,21 @@ def _worker(name: str, redis_url: str, *extra: str) -> subprocess.Popen[bytes]:
     )
 
 
-async def _watch(redis_url: str, until: float) -> dict[str, dict]:
+async def _watch(redis_url: str, until: float) -> dict[str, dict[str, Any]]:
     """Tail the lifecycle stream and every bot's audio and command streams; print as it flows."""
     client = aioredis.Redis.from_url(redis_url)
-    seen: dict[str, dict] = defaultdict(
+    seen: dict[str, dict[str, Any]] = defaultdict(
         lambda: {"frames": 0, "speakers": set(), "commands": defaultdict(int)}
     )
-    cursors: dict[str, str] = {"meetstream:events": "0-0"}
+    cursors: dict[KeyT, StreamIdT] = {"meetstream:events": "0-0"}
     try:
         while time.monotonic() < until:
-            reply = await client.xread(cursors, count=500, block=200)
-            for key, entries in reply or ():
-                key = key.decode()
+            reply = cast(
+                "list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]",
+                await client.xread(cursors, count=500, block=200),
+            )
+            for stream, entries in reply or ():
+                key = stream.decode()
                 cursors[key] = entries[-1][0].decode()
                 for _, raw in entries:
                     f = {k.decode(): v for k, v in raw.items()}

@@ -1,8 +1,8 @@
 """Reproduction, found by the day: after a Redis Cluster failover of the primary that
 holds the discovery stream, SDK workers never learn of a new bot.
 
-``Worker._discovery_loop`` (workers/worker.py) opens its dedicated connection to the
-node serving ``meetstream:events`` once, before its loop; on an error it sleeps and
+SDK discovery (``Worker._discovery_loop`` then, ``Discovery.run`` now) opens its dedicated
+connection to the node serving ``meetstream:events`` once, before its loop; on an error it sleeps and
 reads again on the same connection. When that node dies, every read fails
 (ConnectionError), and once the old primary is back as a replica every read is
 answered MOVED: discovery never recovers, so bots that connect after the failover

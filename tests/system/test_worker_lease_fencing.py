@@ -7,7 +7,7 @@ renewal, one pipeline for all its bots, failed as a whole (so every one of its s
 bots' leases lapsed, though five lived on healthy nodes); w3 took the bots 3.5 s after the
 kill and answered the same question; 0.35 s later w2's handler, still running, wrote its
 answer and an utterance too. Two instances acted for one bot at once; the bot heard two
-answers. ``_BotRunner._process`` (workers/worker.py) checks the lease before it *starts*
+answers. ``BotRunner._process`` (workers/runner.py) checks the lease before it *starts*
 each entry, but nothing stops a handler already running, and ``Bot.send`` writes whatever
 the lease says.
 

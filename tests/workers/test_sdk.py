@@ -156,6 +156,7 @@ async def test_a_renewal_that_fails_as_a_whole_lapses_only_the_bots_that_fail_al
     from gateway.testing.bot import SimulatedBot
     from tests.conftest import ws_url
     from tests.workers.conftest import eventually, fast_settings, running
+    from workers.leases import Leases
     from workers.worker import Worker
 
     worker = Worker(fast_settings(redis_url), handle_signals=False)
@@ -164,7 +165,7 @@ async def test_a_renewal_that_fails_as_a_whole_lapses_only_the_bots_that_fail_al
         for bot in bots:
             await bot.connect()
         await eventually(lambda: len(worker._runners) == 3, 10)
-        renew = Worker._renew
+        renew = Leases.renew
         doomed = "renew0"
 
         async def one_node_down(self, runners):
@@ -172,7 +173,7 @@ async def test_a_renewal_that_fails_as_a_whole_lapses_only_the_bots_that_fail_al
                 raise ConnectionError("node of renew0 is down")
             return await renew(self, runners)
 
-        monkeypatch.setattr(Worker, "_renew", one_node_down)
+        monkeypatch.setattr(Leases, "renew", one_node_down)
         before = dict(worker._runners)
         await asyncio.sleep(worker.settings.lease_ttl_s * 2)
         # The same runners still handle the healthy bots: never stopped, never taken again.

@@ -92,13 +92,13 @@ def stints(records: Iterable[Record]) -> dict[str, list[Stint]]:
             by_bot[r.bot].append(s)
             open_[key] = s
         elif r.type == "stop":
-            s = open_.pop(key, None)
-            if s is not None:
-                s.stop = r
+            ended = open_.pop(key, None)
+            if ended is not None:
+                ended.stop = r
         elif r.type == "frame":
-            s = open_.get(key)
-            if s is not None:
-                s.frames.append(r)
+            stint = open_.get(key)
+            if stint is not None:
+                stint.frames.append(r)
     return by_bot
 
 

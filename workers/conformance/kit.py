@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import redis.asyncio as aioredis
 
@@ -325,7 +325,10 @@ class _Run:
     async def tail(self, client: aioredis.Redis, stop: asyncio.Event) -> None:
         last = "0-0"
         while True:
-            reply = await client.xread({self.journal_key: last}, count=1000, block=100)
+            reply = cast(
+                "list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]",
+                await client.xread({self.journal_key: last}, count=1000, block=100),
+            )
             for _, entries in reply or ():
                 for entry_id, raw in entries:
                     last = entry_id.decode()
@@ -458,7 +461,10 @@ class _Run:
         await asyncio.sleep(0.3)
         published: dict[str, set[checks.Frame]] = {}
         for kb in self.bots:
-            entries = await client.xrange(f"{self.prefix}:{{{kb.bot_id}}}:audio")
+            entries = cast(
+                "list[tuple[bytes, dict[bytes, bytes]]]",
+                await client.xrange(f"{self.prefix}:{{{kb.bot_id}}}:audio"),
+            )
             published[kb.bot_id] = {(f[b"conn"].decode(), int(f[b"seq"])) for _, f in entries}
         leases = [await client.get(f"{self.prefix}:{{{kb.bot_id}}}:lease:{c.group}") for kb in self.bots]
         records = list(self.records)
