@@ -30,9 +30,9 @@ from websockets.frames import Frame, Opcode
 from gateway.app import Gateway
 from gateway.embedded_redis import RedisServer, free_port
 from gateway.protocol import AudioFrame
-from gateway.sessions import BotWebSocket
 from gateway.settings import Settings
 from gateway.testing.bot import SimulatedBot, tone
+from gateway.ws_fast_path import BotWebSocket
 
 BOT_ID = "hotpath-bot"
 

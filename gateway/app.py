@@ -24,8 +24,9 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 from websockets.asyncio.server import Server, serve
+from websockets.frames import CloseCode
 
-from gateway.bot_server import CLOSE_SERVICE_RESTART, BotServer
+from gateway.bot_server import BotServer
 from gateway.embedded_redis import RedisServer
 from gateway.exceptions import InternalTaskFailed
 from gateway.janitor import Janitor
@@ -34,8 +35,8 @@ from gateway.metrics import Metrics, watch_gc
 from gateway.probes import ProbeServer
 from gateway.publisher import Publisher
 from gateway.redis_conn import RedisBackend, connect
-from gateway.sessions import BotWebSocket
 from gateway.settings import Settings, redact_url
+from gateway.ws_fast_path import BotWebSocket
 
 log = logging.getLogger(__name__)
 
@@ -218,12 +219,12 @@ class Gateway:
                 self.bots.draining = True
             self.metrics.ready.set(0)
             if self.ws_server is not None:
-                self.ws_server.close(code=CLOSE_SERVICE_RESTART, reason="gateway restarting")
+                self.ws_server.close(code=CloseCode.SERVICE_RESTART, reason="gateway restarting")
                 # Shielded: a second signal must not abandon sockets half-closed.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(self.ws_server.wait_closed()), 15)
             if self.bots is not None:
-                await self.bots.reader.stop()
+                await self.bots.delivery.stop()
                 await self.bots.shedder.stop()
             if self.janitor is not None:
                 await self.janitor.stop()

@@ -1,43 +1,41 @@
-"""The bot side: a WebSocket server for Meetstream bots' audio and control channels.
+"""The bot side and the inbound path: bot socket → decode → publisher → Redis.
 
-This module only moves data: bytes are decoded by :mod:`gateway.protocol`,
-commands validated by :mod:`gateway.commands`, and everything bound for Redis
-is handed to the :class:`~gateway.publisher.Publisher` without awaiting it.
+:class:`BotServer` admits connections (auth, per-bot limits), runs their
+lifecycle (bind, keepalive, idle, replace, unbind) and moves audio and bot
+messages to the :class:`~gateway.publisher.Publisher` without awaiting it. It
+tells outbound delivery (:mod:`gateway.delivery`) only that a control channel
+became ready or went away. Bytes are decoded by :mod:`gateway.protocol`.
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
-import fcntl
 import functools
 import http
 import logging
 import math
-import termios
 import time
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
-from redis.exceptions import RedisError
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed, InvalidState
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from gateway.admission import Admission
 from gateway.auth import AuthError, Claims, check_bot, redact_query, split_secrets, token_from_request, verify
-from gateway.command_reader import Ack, CommandReader, Entry
-from gateway.commands import Command, command_label, entry_time_ms, parse_command
-from gateway.exceptions import BadRoute, CommandRejected, FrameError, MessageError
+from gateway.close_codes import REASON_OF_CODE, CloseReason, GatewayCloseCode, effective_close
+from gateway.closing import Closer
+from gateway.delivery import Delivery, DeliveryUnavailable
+from gateway.exceptions import BadRoute, FrameError, MessageError
 from gateway.keys import BotKeys, KeySpace
 from gateway.logs import RateLimiter
 from gateway.metrics import Metrics
 from gateway.overload import LoadShedder
-from gateway.playback import Outgoing, PlaybackConfig
 from gateway.protocol import (
-    BOT_SAMPLE_RATE,
+    AudioFrame,
     Route,
     handshake_bot_id,
     is_legacy_chunk,
@@ -47,70 +45,21 @@ from gateway.protocol import (
 )
 from gateway.publisher import Publisher
 from gateway.redis_conn import RedisBackend
-from gateway.sessions import BotConnection, BotWebSocket, Outbox, SessionRegistry
+from gateway.sessions import AudioInbound, BotConnection, SessionRegistry
 from gateway.settings import Settings
+from gateway.ws_fast_path import BotWebSocket, send_ping, unread_bytes
 
 log = logging.getLogger(__name__)
 
-# Close codes (4000-4999 are ours; see docs/PROTOCOL.md).
-CLOSE_BAD_REQUEST = 4400
-CLOSE_HANDSHAKE_TIMEOUT = 4408
-CLOSE_REPLACED = 4409
-CLOSE_SERVICE_RESTART = 1012
-CLOSE_MESSAGE_TOO_BIG = 1009
-CLOSE_INTERNAL_ERROR = 1011
-CLOSE_TRY_AGAIN = 1013
-SETUP_ATTEMPTS = 3
 KEEPALIVE_TICKS = 10  # keepalive checks per ping interval: how finely pings are spread
 KEEPALIVE_SLICES = 10  # each check of all connections is spread over this many loop turns
 MAX_PAUSE_S = 1.0  # longest backpressure pause; then at least as long reading
-CLOSE_FORBIDDEN = 4403
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_IDLE = 4410
-CLOSE_TOO_SLOW = 4429
-
-#: Close codes that say why a connection ended better than how the handler left.
-_CLOSE_CODE_REASONS = {
-    CLOSE_REPLACED: "replaced",
-    CLOSE_SERVICE_RESTART: "shutdown",
-    CLOSE_MESSAGE_TOO_BIG: "message_too_big",
-    CLOSE_INTERNAL_ERROR: "error",
-    CLOSE_TRY_AGAIN: "error",
-    CLOSE_IDLE: "idle",
-    CLOSE_TOO_SLOW: "too_slow",
-    CLOSE_POLICY_VIOLATION: "policy_violation",
-}
 
 _CLOSE_REASON_TEXT = {
     "bot_id_mismatch": "bot_id mismatch between path and handshake",
     "bad_bot_id": "invalid bot_id",
     "no_bot_id": "bot_id unknown: handshake has none and the path names none",
 }
-
-
-def unread_bytes(ws: ServerConnection) -> int:
-    """Bytes the kernel holds for this socket that we have not read (0 where unknown)."""
-    sock = ws.transport.get_extra_info("socket")
-    if sock is None:
-        return 0
-    try:
-        buf = array.array("i", [0])
-        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
-        return buf[0]
-    except (OSError, ValueError):
-        return 0
-
-
-def send_ping(ws: ServerConnection) -> None:
-    """Write a ping now, with no pong waiter: the answer is seen in ``BotWebSocket.pong_at``.
-
-    ``await ws.ping()`` needs a task per ping and a future per pong; the keepalive
-    only needs to know that something came back.
-    """
-    # Closing (InvalidState) or the transport gone: the close handshake decides.
-    with contextlib.suppress(InvalidState, OSError, RuntimeError):
-        ws.protocol.send_ping(b"ka")
-        ws.send_data()
 
 
 class _CloseWith(Exception):
@@ -138,13 +87,10 @@ class BotServer:
         self.backend = backend
         self.publisher = publisher
         self.registry = SessionRegistry()
-        self.reader = CommandReader(
-            backend, keyspace, settings, metrics, self._deliver, self._evicted, self._ack_elsewhere
-        )
+        self.closer = Closer(metrics, settings.ws_close_timeout_s)
+        self.delivery = Delivery(settings, keyspace, metrics, backend, publisher, self.registry, self.closer)
         self.draining = False
         self.shedder = LoadShedder(settings.overload_lag_s, metrics)
-        # Leave a few pooled connections for the health check and wake-ups.
-        self._setup_gate = asyncio.Semaphore(max(1, settings.redis_max_connections - 4))
         publisher.on_backlog = self._pause_audio
         publisher.may_pause = self._may_pause
         self._no_pause_until = 0.0
@@ -153,14 +99,10 @@ class BotServer:
         self._clock = time.monotonic  # the event loop's clock, without a lookup per frame
         self._audio_in = metrics.audio_in
         self._shed = metrics.dropped.labels("overload")
-        self._log_limit = RateLimiter(burst=5, interval_s=10.0)
-        self._max_age_ms = int(settings.command_max_age_s * 1000)
-        self._delivered: dict[str, Any] = {}
-        self._background: set[asyncio.Task[Any]] = set()
+        self._log_limit = RateLimiter(burst=5, interval_s=10.0, counter=metrics.log_suppressed)
         self._secrets = split_secrets(settings.auth_secret)
         self._claims: weakref.WeakKeyDictionary[ServerConnection, Claims] = weakref.WeakKeyDictionary()
         self.admission = Admission(settings, self._clock)
-        self.held_bytes = 0  # commands and audio held for all bots (Outbox.reported_bytes summed)
         self.open_connections = 0
 
     # -- HTTP, before the upgrade ---------------------------------------------
@@ -249,8 +191,8 @@ class BotServer:
         if isinstance(ws, BotWebSocket):
             ws.on_refused = functools.partial(self._refused, conn)
             ws.on_write_overflow = functools.partial(self._write_overflow, conn)
-            ws.on_failure = functools.partial(self._fail, conn, "receive")
-        close_reason = "bot_left"
+            ws.on_failure = functools.partial(self.closer.fail, conn, "receive")
+        close_reason: str = CloseReason.BOT_LEFT
         if self.settings.idle_timeout_s > 0:
             self._idle_watchdog(conn)
         try:
@@ -266,38 +208,43 @@ class BotServer:
                 "closing bot connection",
                 extra={"bot_id": conn.bot_id, "channel": channel, "code": close.code, "reason": close.reason},
             )
-            await self._close(ws, close.code, close.text)
+            await self.closer.close(ws, close.code, close.text)
         except ConnectionClosed:
             pass
         except Exception as exc:
             # A bug of ours, in this bot's handling only: close it, never leave it half-attached.
-            self._fail(conn, "receive", exc)
-            await self._close(ws, CLOSE_INTERNAL_ERROR, "internal error")
+            self.closer.fail(conn, "receive", exc)
+            await self.closer.close(ws, CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             if conn.watchdog is not None:
                 conn.watchdog.cancel()
-            # A peer that never answers our close leaves code 1006: our own decision says why.
-            close_reason = conn.close_reason or _CLOSE_CODE_REASONS.get(ws.close_code, close_reason)  # type: ignore[arg-type]
+            # Our own decision says why, then the code that ended it (ours if we closed first).
+            code, _ = effective_close(ws)
+            close_reason = conn.close_reason or REASON_OF_CODE.get(code) or close_reason
             self.open_connections -= 1
             self.metrics.connections.labels(channel).dec()
             self.metrics.connections_closed.labels(channel, close_reason).inc()
             try:
                 await self._unbind(conn)
             except Exception as exc:
-                self._fail(conn, "unbind", exc)
+                self.closer.fail(conn, "unbind", exc)
 
     def _bind(self, conn: BotConnection, bot_id: str) -> BotKeys:
         claims = self._claims.get(conn.ws)
         if claims is not None and claims.bot is not None and claims.bot != bot_id:
             # A bare path: the token's bot could only be checked once the handshake named one.
-            raise _CloseWith(CLOSE_FORBIDDEN, "wrong_bot", "token is bound to another bot")
+            raise _CloseWith(
+                GatewayCloseCode.FORBIDDEN, CloseReason.WRONG_BOT, "token is bound to another bot"
+            )
         ws = conn.ws
         if isinstance(ws, BotWebSocket):
             if ws.release is None:
                 # A bare path with no bot in its token: its slot is the bot's, from now on.
                 refused = self.admission.admit_connection(bot_id, bot_id)
                 if refused is not None:
-                    raise _CloseWith(CLOSE_POLICY_VIOLATION, "policy_violation", "too many connections")
+                    raise _CloseWith(
+                        CloseCode.POLICY_VIOLATION, CloseReason.POLICY_VIOLATION, "too many connections"
+                    )
                 ws.release = functools.partial(self.admission.release, bot_id)
             # From now on what it sends counts against its bot, whatever connection it uses.
             ws.budget = self.admission.budget(bot_id, conn.channel)
@@ -321,30 +268,28 @@ class BotServer:
         )
         if replaced is not None:
             log.info("newer connection replaces older", extra={"bot_id": bot_id, "channel": conn.channel})
-            replaced.close_reason = "replaced"
-            self._spawn(self._close(replaced.ws, CLOSE_REPLACED, "replaced by a newer connection"))
+            self.closer.close_for(
+                replaced, CloseReason.REPLACED, GatewayCloseCode.REPLACED, "replaced by a newer connection"
+            )
         return keys
 
     async def _unbind(self, conn: BotConnection) -> None:
-        if conn.sender is not None:
-            conn.sender.cancel()
-            # The sender handles its own errors (_fail); nothing it raises may keep
-            # this connection attached.
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await conn.sender
-        session, current, ended = self.registry.detach(conn)
+        if conn.outbound is not None:
+            # First: the playback it cut off is reported before it is said to be gone.
+            await self.delivery.detach(conn)
+        session, _current, ended = self.registry.detach(conn)
         if session is None:
             return
         keys = session.keys
         self.metrics.bots.set(len(self.registry))
-        code = conn.ws.close_code if conn.ws.close_code is not None else 1006
+        code, reason = effective_close(conn.ws)
         self.publisher.event(
             keys,
             "disconnected",
             conn.channel,
             conn=conn.conn_id,
             code=code,
-            reason=conn.ws.close_reason or "",
+            reason=reason,
             # Which gateway says so: a bot may be connected to another one already.
             gateway=self.settings.gateway_id,
         )
@@ -352,15 +297,6 @@ class BotServer:
             "bot disconnected",
             extra={"bot_id": keys.bot_id, "channel": conn.channel, "code": code, "session_ended": ended},
         )
-        if current and conn.channel == "control" and conn.ready:
-            try:
-                await self.reader.remove(keys.bot_id)
-            except Exception as exc:
-                self._fail(conn, "unbind", exc)
-        if conn.evicted_by is not None:
-            # Our unsent or unacked commands are pending under our name: the new owner claims them.
-            with contextlib.suppress(RedisError):
-                await self.reader.signal(conn.evicted_by, keys, reclaim=keys.bot_id)
         if ended:
             self.publisher.event(keys, "session_ended", conn.channel, gateway=self.settings.gateway_id)
             self.publisher.expire(self._expiring(keys), self.settings.key_ttl_s)
@@ -374,8 +310,7 @@ class BotServer:
 
         def check() -> None:
             if self._clock() - conn.last_rx > idle_s:
-                conn.close_reason = "idle"
-                self._spawn(self._close(conn.ws, CLOSE_IDLE, "idle timeout"))
+                self.closer.close_for(conn, CloseReason.IDLE, GatewayCloseCode.IDLE, "idle timeout")
             else:
                 conn.watchdog = loop.call_later(idle_s / 2, check)
 
@@ -387,11 +322,10 @@ class BotServer:
 
         The burst matters: after backpressure, a network hiccup, or a Redis that fell
         behind, a healthy bot's frames arrive in a catch-up burst, and that is not
-        abuse (with 2 s of burst, 1,000 bots x 20 ms on a saturated machine lost 5%
-        of their audio this way).
+        abuse (docs/BENCHMARKS.md, "Figures behind the code").
         """
-        if data_frame and conn.frames is not None:
-            conn.seq += 1  # a frame dropped by policy still takes a seq: workers see the gap
+        if data_frame and conn.inbound is not None:
+            conn.inbound.seq += 1  # a frame dropped by policy still takes a seq: workers see the gap
         self._drop(conn, reason)
         ws = conn.ws  # a BotWebSocket: only it reports refusals
         if isinstance(ws, BotWebSocket) and ws.budget is not None and ws.budget.violating and not ws.discard:
@@ -399,8 +333,8 @@ class BotServer:
                 "bot keeps sending over its limits, closing",
                 extra={"bot_id": conn.bot_id, "channel": conn.channel, "reason": reason},
             )
-            conn.close_reason = "policy_violation"
-            ws.fail_now(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
+            conn.close_reason = CloseReason.POLICY_VIOLATION
+            ws.fail_now(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
 
     def _write_overflow(self, conn: BotConnection) -> None:
         """We hold more unread output for this peer than allowed (pongs to a ping flood it
@@ -415,7 +349,7 @@ class BotServer:
                     "buffered": ws.transport.get_write_buffer_size(),
                 },
             )
-            conn.close_reason = "write_buffer_full"
+            conn.close_reason = CloseReason.WRITE_BUFFER_FULL
             ws.discard = True
             ws.transport.abort()
 
@@ -439,7 +373,8 @@ class BotServer:
         return keys
 
     def _bad_route(self, exc: BadRoute) -> _CloseWith:
-        return _CloseWith(CLOSE_BAD_REQUEST, exc.reason, _CLOSE_REASON_TEXT.get(exc.reason, "bad request"))
+        text = _CLOSE_REASON_TEXT.get(exc.reason, "bad request")
+        return _CloseWith(GatewayCloseCode.BAD_REQUEST, CloseReason(exc.reason), text)
 
     async def _recv_handshake(self, conn: BotConnection) -> str | bytes:
         """Receive within the handshake timeout; a bot that stays silent is closed."""
@@ -448,7 +383,9 @@ class BotServer:
             async with asyncio.timeout_at(conn.handshake_deadline):
                 return await conn.ws.recv()
         except TimeoutError:
-            raise _CloseWith(CLOSE_HANDSHAKE_TIMEOUT, "handshake_timeout", "handshake timeout") from None
+            raise _CloseWith(
+                GatewayCloseCode.HANDSHAKE_TIMEOUT, CloseReason.HANDSHAKE_TIMEOUT, "handshake timeout"
+            ) from None
 
     # -- audio channel ----------------------------------------------------------
 
@@ -462,19 +399,21 @@ class BotServer:
                 self._drop(conn, "before_handshake")
                 continue
             self._audio_text(conn, route, message)
-        conn.audio_keys = self.keyspace.bot(conn.bot_id)
-        conn.conn_b = conn.conn_id.encode()
-        conn.frames = self.publisher.frame_encoder(conn.audio_keys, conn.conn_b)
-
+        keys = self.keyspace.bot(conn.bot_id)
+        conn_b = conn.conn_id.encode()
+        inbound = conn.inbound = AudioInbound(keys, conn_b, self.publisher.frame_encoder(keys, conn_b))
+        on_message = functools.partial(self._audio_message, conn, inbound, route)
         if isinstance(ws, BotWebSocket):
-            ws.on_binary = functools.partial(self._audio_message, conn, route)  # no Python frame of its own
+            ws.on_binary = on_message  # no Python frame of its own
         # Cancelling this loop loses nothing accepted: each message is handed to the
         # publisher synchronously, before the next await. Most binary frames do not
         # even come through here (see BotWebSocket); text frames always do.
         async for message in ws:
-            self._audio_message(conn, route, message)
+            on_message(message)
 
-    def _audio_message(self, conn: BotConnection, route: Route, message: str | bytes) -> None:
+    def _audio_message(
+        self, conn: BotConnection, inbound: AudioInbound, route: Route, message: str | bytes
+    ) -> None:
         """One message on a bound audio channel: the hot path, run for every frame.
 
         A frame dropped by policy (rate, overload) still takes a seq number, so
@@ -485,14 +424,14 @@ class BotServer:
             ratio = self.shedder.ratio
             if ratio:
                 # Overloaded: shed before any decoding, evenly across connections.
-                conn.shed_acc += ratio
-                if conn.shed_acc >= 1.0:
-                    conn.shed_acc -= 1.0
+                inbound.shed_acc += ratio
+                if inbound.shed_acc >= 1.0:
+                    inbound.shed_acc -= 1.0
                     self._shed.inc()
-                    conn.seq += 1
+                    inbound.seq += 1
                     return
             try:
-                size = self.publisher.audio_frame(conn.frames, message, conn.seq)  # type: ignore[arg-type]
+                size = self.publisher.audio_frame(inbound.frames, message, inbound.seq)
             except FrameError as exc:
                 self._drop(conn, exc.reason, exc.detail)
                 return
@@ -501,18 +440,17 @@ class BotServer:
             if frame is None:
                 return
             size = len(frame.pcm)
-            trim = conn.frames.trim if conn.frames is not None else None
             try:
-                self.publisher.audio(conn.audio_keys, frame, conn.seq, conn.conn_b, trim)  # type: ignore[arg-type]
+                self.publisher.audio(inbound.keys, frame, inbound.seq, inbound.conn_b, inbound.frames.trim)
             except FrameError as exc:
                 self._drop(conn, exc.reason, exc.detail)
                 return
         audio_in = self._audio_in
         audio_in.frames += 1
         audio_in.bytes += size
-        conn.seq += 1
+        inbound.seq += 1
 
-    def _audio_text(self, conn: BotConnection, route: Route, text: str):  # type: ignore[no-untyped-def]
+    def _audio_text(self, conn: BotConnection, route: Route, text: str) -> AudioFrame | None:
         """A text frame on the audio channel: the handshake, a legacy PCMChunk, or a message."""
         self.metrics.messages_received.labels("audio").inc()
         try:
@@ -535,7 +473,8 @@ class BotServer:
             # The handshake is kept whole, as the bot sent it.
             self.publisher.event(keys, "audio_handshake", "audio", data=text, conn=conn.conn_id)
             return None
-        self.publisher.event(self.keyspace.bot(conn.bot_id), "message", "audio", data=text)  # type: ignore[arg-type]
+        assert conn.bot_id is not None  # ready: bound
+        self.publisher.event(self.keyspace.bot(conn.bot_id), "message", "audio", data=text)
         return None
 
     # -- control channel --------------------------------------------------------
@@ -560,17 +499,14 @@ class BotServer:
                     self.publisher.event(self.keyspace.bot(conn.bot_id), "message", "control", data=message)
                 continue
             keys = self._settle_handshake(conn, obj, route)
-            bot_id = keys.bot_id
-            conn.outbox = Outbox(
-                self.settings.outbox_max_commands,
-                bot_id,
-                PlaybackConfig.from_settings(self.settings),
-                limit_bytes=self.settings.outbox_max_bytes,
-            )
             self.publisher.event(keys, "ready", "control", data=message, conn=conn.conn_id)
-            await self._start_delivery(conn, keys)
+            try:
+                await self.delivery.attach(conn, keys)
+            except DeliveryUnavailable:
+                raise _CloseWith(CloseCode.TRY_AGAIN_LATER, CloseReason.ERROR, "try again later") from None
 
-        keys = self.keyspace.bot(conn.bot_id)  # type: ignore[arg-type]
+        assert conn.bot_id is not None  # ready: bound
+        keys = self.keyspace.bot(conn.bot_id)
         clock = self._clock
         async for message in ws:
             # Rate, bytes and (unfragmented) size were checked by the socket (_arm, _refused).
@@ -590,384 +526,7 @@ class BotServer:
             # Anything a bot says is published, never dropped: the vendor may add messages.
             self.publisher.event(keys, "message", "control", data=message)
 
-    def _deliver(self, bot_id: str, entries: list[Entry]) -> None:
-        """Called by the command reader: validate entries into the bot's outbox."""
-        session = self.registry.get(bot_id)
-        conn = session.control if session is not None else None
-        if conn is None or conn.outbox is None:
-            return  # unacked: the entries stay pending and are claimed on reconnect
-        keys = session.keys  # type: ignore[union-attr]
-        outbox = conn.outbox
-        try:
-            now_ms = self.backend.now_ms()
-            for entry_id, fields in entries:
-                self._accept(keys, outbox, entry_id, fields, now_ms)
-            self._send_due_now(conn, keys)
-            outbox.settle()
-            # An interrupt among the entries has dropped audio: say so now, not at the next send.
-            self._playback_report(keys, outbox)
-            if outbox.full:
-                self.metrics.playback_bound_hits.labels(
-                    "commands" if outbox.scheduler.command_bytes < outbox.limit_bytes else "command_bytes"
-                ).inc()
-                self.reader.pause(bot_id)
-            elif self.held_bytes > self.settings.commands_max_held_bytes:
-                # All bots together hold too much: this one, adding more, waits (unread
-                # entries stay in Redis) until the process has room again.
-                self.metrics.playback_bound_hits.labels("process_bytes").inc()
-                self.reader.pause(bot_id)
-                self._resume_when_room(bot_id)
-        except Exception as exc:
-            # Not one entry's fault (those are rejected in _accept): this bot's state is
-            # unknown now. Close it; what was not acked is delivered on its next connection.
-            self._fail(conn, "deliver", exc)
-            self._close_soon(conn, CLOSE_INTERNAL_ERROR, "error", "internal error")
-
-    def _accept(
-        self, keys: BotKeys, outbox: Outbox, entry_id: str, fields: Mapping[Any, Any], now_ms: int
-    ) -> None:
-        """One entry into the outbox, or exactly one ``command_rejected``, whatever it holds."""
-        try:
-            command = parse_command(
-                fields,
-                keys.bot_id,
-                entry_id=entry_id,
-                max_bytes=self.settings.command_max_bytes,
-                max_image_bytes=self.settings.image_max_bytes,
-            )
-            self._check_age(command, now_ms)
-            outbox.put(command, wake=False)
-        except CommandRejected as exc:
-            if exc.reason == "queue_full":
-                self.metrics.playback_bound_hits.labels(
-                    "entries" if "entries" in exc.detail else "held_seconds"
-                ).inc()
-            self._reject(keys, entry_id, exc)
-        except Exception as exc:
-            self._reject_unprocessable(keys, entry_id, exc)
-
-    def _reject_unprocessable(
-        self, keys: BotKeys, entry_id: str, exc: Exception, command: str = "unknown"
-    ) -> None:
-        """An entry we failed on (a bug of ours): rejected and acked, so that it cannot come
-        back on every connection of the bot and block everything behind it."""
-        log.error(
-            "could not process a command entry, rejecting it",
-            extra={"bot_id": keys.bot_id, "entry_id": entry_id},
-            exc_info=exc,
-        )
-        detail = f"the gateway could not process this entry ({type(exc).__name__}); its log has more"
-        self._reject(keys, entry_id, CommandRejected("unprocessable", detail, command))
-
-    def _fail(self, conn: BotConnection, stage: str, exc: BaseException) -> None:
-        """Count and log an unexpected error inside one bot's handling."""
-        self.metrics.bot_failures.labels(stage).inc()
-        conn.close_reason = conn.close_reason or "error"
-        log.error(
-            "bot handling failed",
-            extra={"bot_id": conn.bot_id, "channel": conn.channel, "stage": stage},
-            exc_info=exc,
-        )
-
-    def _close_soon(self, conn: BotConnection, code: int, reason: str, text: str) -> None:
-        """Close a connection from code that must not wait (a reader's or the socket's turn)."""
-        if conn.close_reason is None or conn.close_reason == "error":
-            conn.close_reason = reason
-        self._spawn(self._close(conn.ws, code, text))
-
-    def _resume_when_room(self, bot_id: str) -> None:
-        """Resume a bot paused for the process's sake once the process holds half its bound."""
-
-        def check() -> None:
-            session = self.registry.get(bot_id)
-            if session is None or session.control is None or session.control.outbox is None:
-                return  # gone: its next connection starts afresh
-            outbox = session.control.outbox
-            # A bot that has sent all it held reads again even while the process is
-            # over: it is not the one holding memory (bots that do not read are), and
-            # pausing it until they are closed would let them starve it.
-            drained = outbox.scheduler.pending_commands == 0
-            if (self.held_bytes <= self.settings.commands_max_held_bytes // 2 or drained) and not outbox.full:
-                self._spawn(self.reader.resume(bot_id))
-            else:
-                loop.call_later(0.2, check)
-
-        loop = asyncio.get_running_loop()
-        loop.call_later(0.2, check)
-
-    def _ack_elsewhere(self, acks: list[Ack]) -> None:
-        """Acks the reader could not send with its next read go with the publisher's writes."""
-        for stream, entry_ids, owner in acks:
-            self.publisher.ack(stream, entry_ids, owner=owner)
-
-    def _check_age(self, command: Command, now_ms: int) -> None:
-        age_ms = now_ms - entry_time_ms(command.entry_id)
-        if age_ms > self._max_age_ms:
-            raise CommandRejected(
-                "expired",
-                f"written {age_ms / 1000:.1f}s ago, max age {self.settings.command_max_age_s}s",
-                command.name,
-            )
-
-    def _reject(self, keys: BotKeys, entry_id: str, exc: CommandRejected) -> None:
-        self.metrics.commands_rejected.labels(command_label(exc.command), exc.reason).inc()
-        log.warning(
-            "command rejected",
-            extra={"bot_id": keys.bot_id, "entry_id": entry_id, "reason": exc.reason, "detail": exc.detail},
-        )
-        self.publisher.event(
-            keys,
-            "command_rejected",
-            "control",
-            reason=exc.reason,
-            detail=exc.detail,
-            entry_id=entry_id,
-            command=exc.command,
-        )
-        self.publisher.ack(keys.commands, (entry_id,))
-
-    async def _send_commands(self, conn: BotConnection, keys: BotKeys) -> None:
-        """Write what the playback scheduler says, when it says; XACK what is fully handled.
-
-        The scheduler (:mod:`gateway.playback`) orders the lanes (interrupt, commands,
-        paced audio); this loop only waits, writes and acknowledges.
-        """
-        outbox = conn.outbox
-        if outbox is None:  # set before this task starts
-            return
-        scheduler = outbox.scheduler
-        clock = outbox.clock
-        ws = conn.ws
-        metrics = self.metrics
-        try:
-            while True:
-                out = scheduler.next_send(clock())
-                self._playback_report(keys, outbox)
-                if out is None:
-                    # Cancelling here loses nothing: unsent entries are unacked in Redis.
-                    await outbox.wait(scheduler.next_deadline())
-                    continue
-                if not self._still_wanted(keys, out):
-                    continue
-                data = self._encode_out(keys, out)
-                if data is None:
-                    continue
-                # Cancelled or broken during this write: the entry stays unacked and is
-                # delivered again on the bot's next control connection.
-                conn.sending = True
-                try:
-                    async with asyncio.timeout(self.settings.send_timeout_s):
-                        await ws.send(data, text=True)
-                except TimeoutError:
-                    # A bot that stops reading must not hold commands (or memory) forever;
-                    # the unacked entry is delivered on its next connection.
-                    log.warning("bot too slow to take commands, closing", extra={"bot_id": keys.bot_id})
-                    conn.close_reason = "too_slow"
-                    self._spawn(self._close(ws, CLOSE_TOO_SLOW, "too slow to read commands"))
-                    return
-                finally:
-                    conn.sending = False
-                self._sent(conn, keys, out)
-                if outbox.low:
-                    await self.reader.resume(keys.bot_id)
-        except ConnectionClosed:
-            return
-        except Exception as exc:
-            # A bug of ours in this bot's delivery: close it (what is unacked comes again
-            # on its next connection) rather than leave it connected with nobody sending.
-            self._fail(conn, "send", exc)
-            self._close_soon(conn, CLOSE_INTERNAL_ERROR, "error", "internal error")
-        finally:
-            # The bot's queue is gone with its socket: report the utterances it cut off.
-            try:
-                scheduler.abort(clock())
-                self._playback_report(keys, outbox)
-            except Exception as exc:
-                self._fail(conn, "send", exc)
-            metrics.playback_audio_held.dec(outbox.reported_held_s)
-            outbox.reported_held_s = 0.0
-            self.held_bytes -= outbox.reported_bytes
-            outbox.reported_bytes = 0
-            metrics.commands_held_bytes.set(self.held_bytes)
-
-    def _encode_out(self, keys: BotKeys, out: Outgoing) -> bytes | None:
-        """The message as UTF-8, or None when it cannot be (rejected and acked instead:
-        an entry that fails here would fail again on every connection of the bot)."""
-        try:
-            return out.text.encode()
-        except Exception as exc:
-            if out.entry_id:
-                self._reject_unprocessable(keys, out.entry_id, exc, out.name)
-                extra = [a for a in out.acks if a != out.entry_id]
-                if extra:
-                    self.publisher.ack(keys.commands, extra)
-            return None
-
-    def _still_wanted(self, keys: BotKeys, out: Outgoing) -> bool:
-        """False for a command that waited past its maximum age: rejected and acked instead."""
-        if out.lane == "command":
-            try:
-                self._check_age_of(out)
-            except CommandRejected as exc:
-                self._reject(keys, out.entry_id, exc)
-                self.publisher.ack(keys.commands, out.acks)
-                return False
-        return True
-
-    def _sent(self, conn: BotConnection, keys: BotKeys, out: Outgoing) -> None:
-        assert conn.outbox is not None
-        conn.outbox.scheduler.sent(out, conn.outbox.clock())
-        self._count_sent(out)
-        if out.acks and not self.reader.ack_with_next_read(keys, tuple(out.acks), conn.owner):
-            self.publisher.ack(keys.commands, out.acks, owner=conn.owner)
-
-    def _send_due_now(self, conn: BotConnection, keys: BotKeys) -> None:
-        """Write what is due from the reader's own turn of the event loop, if nothing can wait.
-
-        Waking the bot's sender task for it would take one more turn, and under load a
-        turn is a pass over every ready socket (~1 ms at 500 bots x 20 ms). Only while
-        that task is not itself writing, and only as long as a write cannot block;
-        whatever is left, the sender task takes as before.
-        """
-        ws, outbox, sender = conn.ws, conn.outbox, conn.sender
-        if not isinstance(ws, BotWebSocket) or outbox is None or conn.sending:
-            return
-        if sender is None or sender.done():  # not set up yet, or gone with the socket
-            return
-        scheduler = outbox.scheduler
-        while ws.can_send_now() and (out := scheduler.next_send(outbox.clock())) is not None:
-            if self._still_wanted(keys, out) and (data := self._encode_out(keys, out)) is not None:
-                try:
-                    ws.send_now(data)
-                except (OSError, RuntimeError, InvalidState) as exc:
-                    # The socket failed under the write: the entry is unacked, so it is
-                    # delivered again on the bot's next connection; the sender sees it close.
-                    log.info("writing a command failed", extra={"bot_id": keys.bot_id, "error": repr(exc)})
-                    return
-                self._sent(conn, keys, out)
-
-    def _check_age_of(self, out: Outgoing) -> None:
-        age_ms = self.backend.now_ms() - entry_time_ms(out.entry_id)
-        if age_ms > self._max_age_ms:
-            raise CommandRejected(
-                "expired",
-                f"written {age_ms / 1000:.1f}s ago, max age {self.settings.command_max_age_s}s",
-                out.name,
-            )
-
-    def _count_sent(self, out: Outgoing) -> None:
-        metrics = self.metrics
-        delivered = self._delivered.get(out.name)
-        if delivered is None:  # one child per command name (a fixed set): labels() costs a lock
-            delivered = self._delivered[out.name] = metrics.commands_delivered.labels(out.name)
-        delivered.inc()
-        if out.lane == "audio":
-            metrics.playback_audio_sent.inc(out.samples / BOT_SAMPLE_RATE)
-            metrics.playback_lateness.observe(out.late_s)
-        else:
-            age_ms = self.backend.now_ms() - entry_time_ms(out.entry_id)
-            metrics.command_delivery.observe(max(0, age_ms) / 1000)
-
-    def _playback_report(self, keys: BotKeys, outbox: Outbox) -> None:
-        """Publish the scheduler's playback events and move its counts into metrics."""
-        scheduler = outbox.scheduler
-        for event in scheduler.take_events():
-            self.publisher.event(keys, event.type, "control", None, **event.fields)
-            if event.type == "playback_finished":
-                self.metrics.playback_utterances.labels("finished").inc()
-            elif event.type == "playback_interrupted":
-                reason = str(event.fields["reason"])
-                self.metrics.playback_utterances.labels(reason).inc()
-                self.metrics.playback_audio_cut.labels(reason).inc(int(event.fields["dropped_ms"]) / 1000)
-        counts = scheduler.counts
-        if counts:
-            if counts["coalesced"]:
-                self.metrics.chat_coalesced.inc(counts["coalesced"])
-            if counts["underruns"]:
-                self.metrics.playback_underruns.inc(counts["underruns"])
-            counts.clear()
-        held_bytes = scheduler.held_bytes
-        if held_bytes != outbox.reported_bytes:
-            self.held_bytes += held_bytes - outbox.reported_bytes
-            outbox.reported_bytes = held_bytes
-            self.metrics.commands_held_bytes.set(self.held_bytes)
-        held_s = scheduler.held_samples / BOT_SAMPLE_RATE
-        if held_s != outbox.reported_held_s:
-            self.metrics.playback_audio_held.inc(held_s - outbox.reported_held_s)
-            outbox.reported_held_s = held_s
-
     # -- housekeeping -------------------------------------------------------------
-
-    async def _start_delivery(self, conn: BotConnection, keys: BotKeys) -> None:
-        """Take the bot over and start reading its commands, within a bounded number of
-        concurrent setups (a reconnect storm must queue here, not exhaust the pool).
-
-        Redis trouble is retried; if it persists, the bot is asked to come back
-        later (1013), never left connected without command delivery.
-        """
-        for attempt in range(1, SETUP_ATTEMPTS + 1):
-            try:
-                async with self._setup_gate:
-                    await self._take_ownership(conn, keys)
-                    if conn.sender is None:
-                        conn.sender = asyncio.create_task(
-                            self._send_commands(conn, keys), name=f"send-{keys.bot_id}"
-                        )
-                    await self.reader.add(keys)
-                # The command stream may have been made just now (by its group): its expiry,
-                # set when the bot connected, only applies from now on.
-                self.publisher.expire((keys.commands,), self.settings.key_ttl_s)
-                return
-            except (RedisError, OSError) as exc:
-                log.warning(
-                    "command delivery setup failed",
-                    extra={"bot_id": keys.bot_id, "attempt": attempt, "error": repr(exc)},
-                )
-                await asyncio.sleep(0.2 * attempt)
-        raise _CloseWith(CLOSE_TRY_AGAIN, "error", "try again later")
-
-    async def _take_ownership(self, conn: BotConnection, keys: BotKeys) -> None:
-        """Record this connection as the bot's owner; evict the previous one on another gateway."""
-        owner_key = self.keyspace.owner(keys.bot_id)
-        token = f"{self.settings.gateway_id}/{conn.conn_id}"
-        conn.owner = (owner_key, token)
-        # Failing here is retried by the caller: delivery must not start unowned.
-        previous = await self.backend.client.set(owner_key, token, ex=self.settings.key_ttl_s, get=True)
-        if not previous:
-            return
-        prev_gateway, _, prev_conn = previous.decode().partition("/")
-        if prev_gateway != self.settings.gateway_id:
-            log.info(
-                "taking bot over from another gateway", extra={"bot_id": keys.bot_id, "from": prev_gateway}
-            )
-            try:
-                await self.reader.signal(
-                    prev_gateway, keys, evict=keys.bot_id, conn=prev_conn, by=self.settings.gateway_id
-                )
-            except RedisError as exc:
-                log.warning(
-                    "could not signal the previous owner", extra={"bot_id": keys.bot_id, "error": repr(exc)}
-                )
-
-    def _evicted(self, bot_id: str, conn_id: str, by: str) -> None:
-        """Another gateway took this bot over: close our (probably half-open) control socket."""
-        session = self.registry.get(bot_id)
-        conn = session.control if session is not None else None
-        if conn is None or conn.conn_id != conn_id:
-            return
-        log.info("bot taken over by another gateway", extra={"bot_id": bot_id, "by": by})
-        conn.evicted_by = by
-        conn.close_reason = "replaced"
-        self._spawn(self._close(conn.ws, CLOSE_REPLACED, "replaced by a newer connection"))
-
-    async def _close(self, ws: ServerConnection, code: int, reason: str) -> None:
-        """Close with a code, but never wait on a peer that does not read: websockets drains
-        its write buffer before the close timeout starts, so a stuck bot would hang us."""
-        try:
-            async with asyncio.timeout(self.settings.ws_close_timeout_s):
-                await ws.close(code, reason)
-        except TimeoutError:
-            ws.transport.abort()
 
     async def keepalive(self) -> None:
         """Ping connections that have been silent; close those that stay silent.
@@ -1017,8 +576,9 @@ class BotServer:
             return
         conn.ping_at = math.inf  # closing: never again
         log.warning("keepalive timeout, closing", extra={"bot_id": conn.bot_id, "channel": conn.channel})
-        conn.close_reason = "keepalive_timeout"
-        self._spawn(self._close(ws, CLOSE_INTERNAL_ERROR, "keepalive ping timeout"))
+        self.closer.close_for(
+            conn, CloseReason.KEEPALIVE_TIMEOUT, CloseCode.INTERNAL_ERROR, "keepalive ping timeout"
+        )
 
     def _may_pause(self) -> bool:
         """Backpressure is for a Redis that cannot keep up. A process out of CPU sheds
@@ -1062,11 +622,6 @@ class BotServer:
                     transport.pause_reading()
                 else:
                     transport.resume_reading()
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     def _expiring(self, keys: BotKeys) -> tuple[str, ...]:
         return (keys.audio, keys.events, keys.commands, self.keyspace.owner(keys.bot_id))

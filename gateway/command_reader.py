@@ -5,8 +5,8 @@ consumer ``gateway_id``. The streams of one shard (sharing its hash tag, hence
 one slot on a Cluster) are read by blocking XREADGROUPs on dedicated
 connections, each waiting on at most ``command_read_streams`` of them: Redis
 registers every key of a blocking read again each time it returns, so a
-command costs Redis in proportion to the keys of the read it wakes (~600 µs
-with 63 keys a read, 1,000 bots on 16 shards, measured; ~9 µs a key). So
+command costs Redis in proportion to the keys of the read it wakes (figures
+in docs/BENCHMARKS.md, "Figures behind the code"). So
 connections grow with the shards in use and one per ``command_read_streams``
 bots of a shard, never one per bot. A read is encoded once per change of its
 stream set and sent raw; hiredis parses the reply.
@@ -18,13 +18,12 @@ bot XADDs to it, and the blocked read returns at once. Every reader of a shard
 also reads the shard's *signal* stream, where other gateways write (a bot
 taken over, pending commands to reclaim): whichever of them it wakes handles it.
 
-Delivery is at least once: an entry is XACKed only after it was written to the
-bot's socket. A command written in the reader's own turn (to an idle bot) is
-acked in the same write as the shard's next read: no pipeline of the
-publisher's and no round trip of its own (with no audio flowing, ~17% of a
-command's CPU). When a bot's control channel comes up, entries still pending
-from an earlier connection (on this or a dead gateway) are claimed with
-XAUTOCLAIM and delivered first, in stream order.
+Entries go to a :class:`Sink` (:class:`gateway.delivery.Delivery`), which
+returns the acks of what it wrote to sockets in the reader's own turn: they go
+out in the same write as the shard's next read, with no pipeline of the
+publisher's and no round trip of their own. When a bot's control channel comes
+up, entries still pending from an earlier connection (on this or a dead
+gateway) are claimed with XAUTOCLAIM and delivered first, in stream order.
 """
 
 from __future__ import annotations
@@ -33,9 +32,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import hiredis
 from redis.exceptions import RedisError, ResponseError
@@ -53,15 +51,24 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 0.5
 
 Entry = tuple[str, dict[bytes, bytes]]
-#: Called with a bot and its entries, in stream order; must not block.
-Deliver = Callable[[str, list[Entry]], None]
-#: Called when another gateway took over a bot: (bot_id, our conn_id it replaces, new gateway_id).
-Evict = Callable[[str, str, str], None]
 #: An XACK still to send: (stream, entry ids, owner); with an owner (owner key,
 #: token), only while that key holds that token (see :func:`ack_args`).
 Ack = tuple[str, tuple[str, ...], tuple[str, str] | None]
-#: Takes acks the reader could not see land (its connection failed): send them another way.
-AckFallback = Callable[[list[Ack]], None]
+
+
+class Sink(Protocol):
+    """Where the reader's entries and signals go; no method may block."""
+
+    def deliver(self, bot_id: str, entries: list[Entry]) -> list[Ack]:
+        """A bot's entries, in stream order; returns acks of what it wrote at once."""
+
+    def evict(self, bot_id: str, conn_id: str, by: str) -> None:
+        """Another gateway took over a bot: our conn_id it replaces, the new gateway_id."""
+
+    def ack_elsewhere(self, acks: list[Ack]) -> None:
+        """Acks no read of ours will carry (or whose fate is unknown): send them another way."""
+
+
 #: KEYS: commands stream, owner key; ARGV: group, expected owner, ids. -1: not the owner.
 ACK_IF_OWNER = """
 local owner = redis.call('GET', KEYS[2])
@@ -143,8 +150,8 @@ class _Group:
     def read_command(self, consumer: str, count: int, block_ms: int) -> bytes:
         """The encoded XREADGROUP, rebuilt only when the streams change.
 
-        With hundreds of bots per shard, encoding this command was a third of the
-        gateway's CPU when rebuilt on every read.
+        Rebuilt on every read, encoding it dominated the gateway's CPU with hundreds of
+        bots per shard.
         """
         if self._encoded[0] != self.version:
             readable = [k for k, b in self.members.items() if b not in self.paused]
@@ -175,18 +182,13 @@ class CommandReader:
         keyspace: KeySpace,
         settings: Settings,
         metrics: Metrics,
-        deliver: Deliver,
-        evict: Evict | None = None,
-        ack_fallback: AckFallback | None = None,
+        sink: Sink,
     ) -> None:
         self.backend = backend
         self.keyspace = keyspace
         self.settings = settings
         self.metrics = metrics
-        self.deliver = deliver
-        self.evict = evict
-        self.ack_fallback = ack_fallback
-        self._delivering: _Group | None = None  # the group whose entries deliver() has now
+        self.sink = sink
         self._read_latency = metrics.redis_latency.labels("read_commands")
         self._background: set[asyncio.Task[None]] = set()
         self.consumer = settings.gateway_id
@@ -235,7 +237,7 @@ class CommandReader:
         pending = await self._claim_pending(keys)
         if pending:
             log.info("redelivering pending commands", extra={"bot_id": keys.bot_id, "count": len(pending)})
-            self.deliver(keys.bot_id, pending)
+            self._return_acks(self.sink.deliver(keys.bot_id, pending))
         self._bots[keys.bot_id] = keys
         group = self._group_of[keys.bot_id] = self._group_for(keys)
         group.members[keys.commands] = keys.bot_id
@@ -262,26 +264,11 @@ class CommandReader:
         self.metrics.redis_latency.labels("claim").observe(time.perf_counter() - started)
         return claimed
 
-    def ack_with_next_read(
-        self, keys: BotKeys, entry_ids: tuple[str, ...], owner: tuple[str, str] | None
-    ) -> bool:
-        """Queue an ack to go out in the same write as the shard's next read; False if
-        no read is about to go out for it (send the ack another way).
-
-        True only while this reader hands that shard's entries to ``deliver``: its next
-        XREADGROUP is written in this same turn of the event loop, right after.
-        """
-        group = self._delivering
-        if group is None or group.shard != keys.shard or self.ack_fallback is None:
-            return False
-        group.acks.append((keys.commands, entry_ids, owner))
-        return True
-
     def _return_acks(self, acks: list[Ack]) -> None:
         """Acks whose fate is unknown (or that were redirected) go another way: an XACK
         twice is harmless, a lost one would deliver the command again."""
-        if acks and self.ack_fallback is not None:
-            self.ack_fallback(acks)
+        if acks:
+            self.sink.ack_elsewhere(acks)
 
     def _settle_acks(self, acks: list[Ack], replies: list[Any]) -> None:
         redirected: list[Ack] = []
@@ -430,15 +417,13 @@ class CommandReader:
                         # The bot left while this read was in flight: the entries stay
                         # pending and are claimed when it comes back.
                         continue
-                    self._delivering = group
                     try:
-                        self.deliver(bot_id, decoded)
+                        # What it wrote in this turn is acked with the read that follows.
+                        group.acks += self.sink.deliver(bot_id, decoded)
                     except Exception:
                         # deliver() contains its own failures; this is the last line that
                         # keeps one bot's trouble from stopping every bot of the shard.
                         log.exception("delivering commands failed", extra={"bot_id": bot_id})
-                    finally:
-                        self._delivering = None
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -486,8 +471,8 @@ class CommandReader:
                 log.exception("could not handle a signal", extra={"entry_id": entry_id})
 
     def _on_signal(self, fields: dict[bytes, bytes]) -> None:
-        if b"evict" in fields and self.evict is not None:
-            self.evict(
+        if b"evict" in fields:
+            self.sink.evict(
                 fields[b"evict"].decode(),
                 fields.get(b"conn", b"").decode(),
                 fields.get(b"by", b"").decode(),
@@ -512,7 +497,7 @@ class CommandReader:
                 "delivering commands left by the previous owner",
                 extra={"bot_id": bot_id, "count": len(pending)},
             )
-            self.deliver(bot_id, pending)
+            self._return_acks(self.sink.deliver(bot_id, pending))
 
     async def stop(self) -> None:
         """Stop all readers: wake them so they return from their blocking read."""

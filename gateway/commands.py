@@ -134,14 +134,6 @@ def _lone_surrogate(value: str) -> str | None:
     return None
 
 
-def _positive(value: int) -> str | None:
-    return None if value > 0 else "must be a positive integer"
-
-
-def _nonempty(value: str) -> str | None:
-    return None if value else "must not be empty"
-
-
 def _sample_rate(value: int) -> str | None:
     if value in SAMPLE_RATES:
         return None

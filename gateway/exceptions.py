@@ -53,11 +53,13 @@ class BadRoute(ProtocolError):
 class CommandRejected(GatewayError):
     """A worker's command that fails validation, or can no longer be delivered."""
 
-    def __init__(self, reason: str, detail: str, command: str = "unknown") -> None:
+    def __init__(self, reason: str, detail: str, command: str = "unknown", limit: str | None = None) -> None:
         super().__init__(reason, detail, command)
         self.reason = reason
         self.detail = detail
         self.command = command
+        #: The bound it hit (``playback_bound_hits{bound}``), when a bound rejected it.
+        self.limit = limit
 
     def __str__(self) -> str:
         return f"{self.command}: {self.reason}: {self.detail}"

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from gateway import __version__
 from gateway.auth import AUTH_FAILURES
+from gateway.close_codes import CloseReason
 from gateway.commands import COMMANDS, REJECT_REASONS
 from gateway.protocol import CHANNELS, FRAME_ERRORS
 
@@ -43,26 +44,7 @@ DROP_REASONS = (
 )
 PUBLISH_KINDS = ("audio", "event")
 REDIS_OPS = ("publish", "read_commands", "ack", "claim", "expire", "ping")
-CLOSE_REASONS = (
-    "bot_left",
-    "bad_path",
-    "bad_bot_id",
-    "no_bot_id",
-    "bot_id_mismatch",
-    "handshake_timeout",
-    "replaced",
-    "shutdown",
-    "too_slow",
-    "idle",
-    "message_too_big",
-    "wrong_bot",
-    "keepalive_timeout",
-    "error",
-    # Kept sending over its rate or byte budget after a whole burst was dropped (1008).
-    "policy_violation",
-    # Did not read what we wrote (pongs, commands) past --ws-write-buffer-max-bytes.
-    "write_buffer_full",
-)
+CLOSE_REASONS = tuple(CloseReason)  # the reason label of connections_closed_total
 #: Why a connection was refused before the WebSocket upgrade.
 REFUSE_REASONS = (
     "bad_path",

@@ -198,12 +198,14 @@ class PlaybackScheduler:
                 "queue_full",
                 f"{held_s:.1f}s of audio would be held for this bot, the limit is {cfg.max_held_s:g}s",
                 "sendaudio",
+                limit="held_seconds",
             )
         if self.held_entries >= cfg.max_entries:
             raise CommandRejected(
                 "queue_full",
                 f"{self.held_entries} sendaudio entries held, the limit is {cfg.max_entries}",
                 "sendaudio",
+                limit="entries",
             )
         last = self._utterances[-1] if self._utterances else None
         if command.utterance_id and last is not None and last.utterance_id == command.utterance_id:

@@ -61,7 +61,7 @@ async def test_bots_across_slots_audio_and_commands_without_crossslot(cluster):
             nodes = {client.get_node_from_key(gw.keyspace.bot(b.bot_id).audio).name for b in bots}
             assert len(nodes) == 3
             shards = {gw.keyspace.bot(b.bot_id).shard for b in bots}
-            assert gw.bots.reader.connections <= len(shards)
+            assert gw.bots.delivery.reader.connections <= len(shards)
             registry = gw.metrics.registry
             for op in ("publish", "read_commands", "ack", "claim"):
                 assert not registry.get_sample_value("meetstream_gateway_redis_errors_total", {"op": op})

@@ -17,7 +17,7 @@ from gateway.logs import JsonFormatter, ScrubFilter
 from gateway.protocol import AudioFrame
 from gateway.testing.bot import SimulatedBot
 from tests.conftest import running_gateway, ws_url
-from tests.helpers import eventually
+from tests.helpers import events_of, eventually
 
 SECRET = "test-secret-0123456789"
 
@@ -200,7 +200,7 @@ async def test_a_catch_up_after_a_stall_is_not_taken_for_abuse(redis_url, redis_
         await bot.close()
 
 
-async def test_oversized_messages(redis_url):
+async def test_oversized_messages(redis_url, redis_client):
     async with (
         running_gateway(redis_url, control_max_message_bytes=1000, ws_max_message_bytes=100_000) as gw,
         SimulatedBot(ws_url(gw), "bot_big") as bot,
@@ -218,6 +218,27 @@ async def test_oversized_messages(redis_url):
         await bot.audio.send(b"\x01" + b"\x00" * 200_000)
         await eventually(lambda: bot.audio.close_code == 1009, 5)
         assert bot.control.close_code is None  # the control channel is untouched
+        # Counted and reported as what it was, not as a bot that left (1006).
+        await eventually(
+            lambda: (
+                gw.metrics.registry.get_sample_value(
+                    "meetstream_gateway_connections_closed_total",
+                    {"channel": "audio", "reason": "message_too_big"},
+                )
+                == 1
+            ),
+            5,
+        )
+        assert not gw.metrics.registry.get_sample_value(
+            "meetstream_gateway_connections_closed_total", {"channel": "audio", "reason": "bot_left"}
+        )
+        await gw.publisher.flush(5)
+        gone = [
+            e
+            for e in await events_of(redis_client, gw.keyspace.bot("bot_big").events)
+            if e["type"] == "disconnected"
+        ]
+        assert [(e["channel"], e["code"]) for e in gone] == [("audio", "1009")]
 
 
 async def test_connection_cap_and_idle_timeout(redis_url):

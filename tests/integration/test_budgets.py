@@ -145,7 +145,7 @@ async def test_a_bot_that_does_not_read_holds_its_byte_bound_and_loses_nothing(r
         bots = [f"slow{i}" for i in range(3)]
         sockets = [await _reader_of(url, b) for b in bots]
         await eventually(
-            lambda: all((s := gw.bots.registry.get(b)) and s.control.outbox is not None for b in bots)
+            lambda: all((s := gw.bots.registry.get(b)) and s.control.outbound is not None for b in bots)
         )
         text = "m" * 400_000
         # 12 MB a bot: more than the sockets' kernel buffers take while nobody reads.
@@ -157,9 +157,12 @@ async def test_a_bot_that_does_not_read_holds_its_byte_bound_and_loses_nothing(r
         # Nothing read yet by the bots: the gateway holds what its bounds allow, no more.
         # The process's bound, and per bot at most one read (2 entries) and the entry its
         # sender holds: a bot that has sent all it held may read once more (SECURITY.md).
-        assert gw.bots.held_bytes <= 2 * MIB + 3 * 3 * 410_000
+        assert gw.bots.delivery.held_bytes <= 2 * MIB + 3 * 3 * 410_000
         for b in bots:
-            assert gw.bots.registry.get(b).control.outbox.scheduler.command_bytes <= 1 * MIB + 2 * 410_000
+            assert (
+                gw.bots.registry.get(b).control.outbound.outbox.scheduler.command_bytes
+                <= 1 * MIB + 2 * 410_000
+            )
         hits = sample(gw, "playback_bound_hits_total", bound="command_bytes") + sample(
             gw, "playback_bound_hits_total", bound="process_bytes"
         )

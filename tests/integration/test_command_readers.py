@@ -31,7 +31,7 @@ async def test_each_reader_takes_a_few_streams_and_every_command_arrives_in_orde
         for bot in bots:
             await bot.connect_control()
         await eventually(lambda: all(_ready(gw, b.bot_id) for b in bots))
-        assert gw.bots.reader.connections == 3  # 2 + 2 + 1 streams
+        assert gw.bots.delivery.reader.connections == 3  # 2 + 2 + 1 streams
         for n in range(3):
             for bot in bots:
                 await _send(redis_client, gw, bot.bot_id, f"{bot.bot_id}/{n}")
@@ -45,14 +45,14 @@ async def test_each_reader_takes_a_few_streams_and_every_command_arrives_in_orde
         late = SimulatedBot(ws_url(gw), "bot-late", record_sent=False)
         await late.connect_control()
         await eventually(lambda: _ready(gw, "bot-late"))
-        assert gw.bots.reader.connections == 3
+        assert gw.bots.delivery.reader.connections == 3
         await _send(redis_client, gw, "bot-late", "welcome")
         assert (await late.next_command(timeout=10, after=0))["message"] == "welcome"
         await _send(redis_client, gw, "bot-r4", "still here")
         assert (await bots[4].next_command(timeout=10, after=3))["message"] == "still here"
         for bot in [late, *bots[2:], bots[0]]:
             await bot.close()
-        await eventually(lambda: gw.bots.reader.connections == 0)
+        await eventually(lambda: gw.bots.delivery.reader.connections == 0)
 
 
 async def test_another_gateway_takes_over_a_bot_held_by_any_of_the_readers(redis_url, redis_client):
@@ -67,11 +67,11 @@ async def test_another_gateway_takes_over_a_bot_held_by_any_of_the_readers(redis
         for bot in held:
             await bot.connect_control()
         await eventually(lambda: all(_ready(a, h.bot_id) for h in held))
-        assert a.bots.reader.connections == 3
+        assert a.bots.delivery.reader.connections == 3
         signals = a.keyspace.shard_wake(0, a.settings.gateway_id)
         await held[0].close()
         await held[1].close()
-        await eventually(lambda: a.bots.reader.connections == 1)
+        await eventually(lambda: a.bots.delivery.reader.connections == 1)
         # The readers that left did not take the shard's signal stream with them.
         assert await redis_client.xinfo_groups(signals)
         await _send(redis_client, a, held[2].bot_id, "before")
@@ -82,7 +82,7 @@ async def test_another_gateway_takes_over_a_bot_held_by_any_of_the_readers(redis
         await _send(redis_client, b, held[2].bot_id, "on the new gateway")
         assert (await moved.next_command(timeout=10, after=0))["message"] == "on the new gateway"
         # The shard's last reader on A is gone: its signal stream goes with it.
-        await eventually(lambda: a.bots.reader.connections == 0)
+        await eventually(lambda: a.bots.delivery.reader.connections == 0)
         await eventually(lambda: _gone(redis_client, signals))
         await moved.close()
 

@@ -21,7 +21,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN
 from websockets.uri import parse_uri
 
-import gateway.sessions
+import gateway.ws_fast_path
 from gateway.protocol import AudioFrame
 from tests.conftest import running_gateway
 from tests.helpers import eventually
@@ -92,13 +92,13 @@ async def _stored_pcm(client: aioredis.Redis, bot_id: str) -> list[bytes]:
 @pytest.fixture
 def count_fast_path(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
     calls = [0]
-    real = gateway.sessions.apply_mask
+    real = gateway.ws_fast_path.apply_mask
 
     def counting(data: bytes, mask: bytes) -> bytes:
         calls[0] += 1
         return real(data, mask)
 
-    monkeypatch.setattr(gateway.sessions, "apply_mask", counting)
+    monkeypatch.setattr(gateway.ws_fast_path, "apply_mask", counting)
     return lambda: calls[0]
 
 

@@ -141,7 +141,7 @@ async def test_a_command_for_an_idle_bot_is_written_in_the_readers_turn(gateway,
     sender task for it: one turn of the event loop less, and under load a turn is a
     pass over every ready socket (command p99 at 500 bots x 20 ms: 4.4-4.7 ms
     against 4.8-5.2 ms). Order and acks are as before (the other tests here)."""
-    from gateway.sessions import BotWebSocket
+    from gateway.ws_fast_path import BotWebSocket
 
     by_reader: list[str] = []
     by_sender: list[object] = []
@@ -198,7 +198,7 @@ async def test_the_reader_never_writes_while_the_bots_sender_is_mid_write(gatewa
     inside a write (here held open; in life, woken from a full socket but not run
     yet), a command the reader takes is left to that task, so nothing overtakes
     what it is writing."""
-    from gateway.sessions import BotWebSocket
+    from gateway.ws_fast_path import BotWebSocket
 
     in_send, gate = asyncio.Event(), asyncio.Event()
     reader_may_write = False
@@ -468,7 +468,7 @@ async def test_redis_connections_do_not_grow_with_bots(gateway, redis_client):
     for bot in bots:
         assert (await bot.next_command(timeout=10, after=0))["message"] == bot.bot_id
     with_bots = await clients()
-    readers = gateway.bots.reader.connections
+    readers = gateway.bots.delivery.reader.connections
     for bot in bots:
         await bot.close()
     # One reader connection per command shard with bots (60 bots span all 16, fewer than

@@ -168,6 +168,7 @@ async def test_a_live_bots_stream_is_left_to_its_gateway(redis_url, redis_client
         await redis_client.xadd(keys.commands, {"json": json.dumps({"command": "sendmsg", "message": "1"})})
         await bot.wait_commands(1)
         await eventually(lambda: _nothing_pending(redis_client, keys.commands))
+        await gw.publisher.flush(5)  # the expiry set once delivery is up has landed (or not)
         ttl = await redis_client.ttl(keys.commands)
         await asyncio.sleep(0.1)
 

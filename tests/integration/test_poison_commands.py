@@ -14,8 +14,8 @@ import msgpack
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-import gateway.bot_server
-from gateway.bot_server import BotServer
+import gateway.delivery
+from gateway.delivery import Delivery
 from gateway.keys import COMMAND_GROUP
 from gateway.testing.bot import SimulatedBot
 from tests.conftest import running_gateway, ws_url
@@ -79,7 +79,7 @@ async def test_poison_entries_are_rejected_one_each_and_others_flow_in_order(red
         # Nobody was closed, nothing failed, the reader is still there for both bots.
         assert sample(gw, "connections_closed_total", channel="control", reason="error") == 0
         assert failures(gw) == 0
-        assert gw.bots.reader.connections >= 1
+        assert gw.bots.delivery.reader.connections >= 1
         await redis_client.xadd(
             okeys.commands, {"json": json.dumps({"command": "sendmsg", "message": "last"})}
         )
@@ -96,14 +96,14 @@ async def _at_least(items, n):
 async def test_an_entry_our_code_fails_on_is_rejected_not_retried(redis_url, redis_client, monkeypatch):
     """Whatever the bug, the entry becomes one ``unprocessable`` rejection: never a crash
     that leaves it pending to come back on every connection of the bot."""
-    parse = gateway.bot_server.parse_command
+    parse = gateway.delivery.parse_command
 
     def buggy(fields, *args, **kwargs):
         if b"boom" in fields:
             raise ZeroDivisionError("a bug")
         return parse(fields, *args, **kwargs)
 
-    monkeypatch.setattr(gateway.bot_server, "parse_command", buggy)
+    monkeypatch.setattr(gateway.delivery, "parse_command", buggy)
     async with running_gateway(redis_url) as gw, SimulatedBot(ws_url(gw), "bot_b") as bot:
         keys = gw.keyspace.bot("bot_b")
         bad = (await redis_client.xadd(keys.commands, {"json": "{}", "boom": "1"})).decode()
@@ -125,7 +125,7 @@ async def _rejections(redis_client, key):
 async def test_a_failure_inside_one_bot_closes_it_with_1011_and_detaches_it(
     redis_url, redis_client, monkeypatch, where
 ):
-    count_sent = BotServer._count_sent
+    count_sent = Delivery._count_sent
     doomed = "doomed"
 
     def failing(self, out):
@@ -133,10 +133,10 @@ async def test_a_failure_inside_one_bot_closes_it_with_1011_and_detaches_it(
             raise RuntimeError("a bug in bookkeeping")
         count_sent(self, out)
 
-    monkeypatch.setattr(BotServer, "_count_sent", failing)
+    monkeypatch.setattr(Delivery, "_count_sent", failing)
     if where == "sender_task":
         # The reader's own turn never writes: everything goes through the bot's sender task.
-        monkeypatch.setattr(gateway.bot_server.BotWebSocket, "can_send_now", lambda self: False)
+        monkeypatch.setattr(gateway.delivery.BotWebSocket, "can_send_now", lambda self: False)
     async with running_gateway(redis_url) as gw:
         bot, bystander = SimulatedBot(ws_url(gw), doomed), SimulatedBot(ws_url(gw), "fine")
         await bot.connect_control()

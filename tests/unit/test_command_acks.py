@@ -64,19 +64,26 @@ async def _run(
     conns: list[_ScriptedConn] = []
     reader: CommandReader
 
-    def deliver(bot_id: str, entries: list[Any]) -> None:
-        for entry_id, _ in entries:
-            assert reader.ack_with_next_read(keys, (entry_id,), OWNER)
-        if stop_on_deliver:
-            reader._stopping = True
+    class Sink:
+        """Writes every entry at once: its ack rides on the reader's next read."""
+
+        def deliver(self, bot_id: str, entries: list[Any]) -> list[Ack]:
+            if stop_on_deliver:
+                reader._stopping = True
+            return [(keys.commands, (entry_id,), OWNER) for entry_id, _ in entries]
+
+        def evict(self, bot_id: str, conn_id: str, by: str) -> None:
+            raise AssertionError("no signal is scripted")
+
+        def ack_elsewhere(self, acks: list[Ack]) -> None:
+            returned.extend(acks)
 
     reader = CommandReader(
         types.SimpleNamespace(is_cluster=False),  # type: ignore[arg-type]
         keyspace,
         settings or Settings(),
         metrics,
-        deliver,
-        ack_fallback=returned.extend,
+        Sink(),
     )
     stream = keys.commands.encode()
     script = [
@@ -153,16 +160,3 @@ async def test_acks_queued_when_the_reader_stops_go_another_way() -> None:
     _, returned, (_, conns) = await _run([b"1-0"], stop_on_deliver=True)
     assert [replies for payload, replies in conns[0].sent if b"XREADGROUP" in payload] == [1]
     assert returned == [(KeySpace().bot("bot").commands, ("1-0",), OWNER)]
-
-
-def test_an_ack_outside_the_readers_turn_is_not_taken() -> None:
-    keyspace = KeySpace()
-    reader = CommandReader(
-        None,  # type: ignore[arg-type]
-        keyspace,
-        Settings(),
-        Metrics(CollectorRegistry()),
-        lambda bot_id, entries: None,
-        ack_fallback=lambda acks: None,
-    )
-    assert not reader.ack_with_next_read(keyspace.bot("bot"), ("1-0",), OWNER)

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from gateway.commands import validate_command
-from gateway.sessions import Outbox
+from gateway.outbox import Outbox
 
 
 @pytest.mark.parametrize("ahead_s", [0.0002, 0.0012, 0.0019, 0.0207])

@@ -72,7 +72,7 @@ def test_a_held_frame_is_completed_from_the_next_read_without_taking_more(
     that turns out too large to hold is handed back untouched, for websockets."""
     from types import SimpleNamespace
 
-    from gateway.sessions import MAX_HELD_FRAME, BotWebSocket
+    from gateway.ws_fast_path import MAX_HELD_FRAME, BotWebSocket
 
     wire = _wire(Opcode.BINARY, bytes(range(256)) * (size // 256) + bytes(size % 256), True, True)
     after = b"\x82\x80next"  # the start of the next frame
