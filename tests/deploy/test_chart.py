@@ -471,6 +471,9 @@ def test_worker_metrics_port_is_served_and_selected(all_on_render: RenderedChart
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert port["targetPort"] == "metrics" and port["port"] == ports["metrics"]
         assert int(env_of(container)["MEETSTREAM_WORKER_METRICS_PORT"]["value"]) == ports["metrics"]
+        probe = container["livenessProbe"]
+        assert probe["httpGet"] == {"path": "/healthz", "port": "metrics"}, name
+        assert probe["periodSeconds"] * probe["failureThreshold"] >= 30  # not on one slow handler
 
 
 def test_each_service_monitor_scrapes_its_own_service(all_on_render: RenderedChart) -> None:
