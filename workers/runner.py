@@ -19,17 +19,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
+from redis.asyncio.connection import Connection
 from redis.exceptions import RedisError, ResponseError
-from redis.typing import KeyT, StreamIdT
 
 from workers import commands
 from workers.audio import AudioFrame
 from workers.bot import Bot, Event
 from workers.connections import Connections
 from workers.constants import PLAYBACK_EVENTS, bot_audio_key, bot_events_key, lease_key
-from workers.discovery import Entry, Registry, StreamReply, is_stale, text
+from workers.discovery import Entry, Registry, is_stale, text
 from workers.handlers import Handlers
 from workers.leases import Journal
 from workers.metrics import WorkerMetrics
@@ -39,6 +39,23 @@ from workers.stats import WorkerStats
 log = logging.getLogger("workers.worker")  # the name the SDK's lines had before the split
 
 _START_EVENTS = (b"connected", b"ready", b"audio_handshake")
+
+
+def _pack(*args: str | int) -> bytes:
+    """One command in RESP, as redis-py would send it (its packer is a tenth of a read's cost)."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = str(arg).encode()
+        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def _fields(flat: Any) -> dict[bytes, bytes]:
+    """An entry's fields from a raw reply: a flat [field, value, ...] list (or a map)."""
+    if isinstance(flat, dict):
+        return flat
+    it = iter(flat or ())
+    return dict(zip(it, it, strict=False))
 
 
 def id_key(entry_id: str) -> tuple[int, int]:
@@ -104,6 +121,9 @@ class BotRunner:
         self._held: dict[str, list[Entry]] = {}
         self._ended = False
         self._records: list[dict[str, str]] = []  # journal records to write before the XACK
+        #: Handled, to be acknowledged with the next read (:meth:`_ack_and_read`).
+        self._unacked: dict[str, list[str]] = {}
+        self._read_commands: dict[tuple[str | int | None, ...], bytes] = {}  # packed once
 
     @property
     def bot_id(self) -> str:
@@ -150,6 +170,9 @@ class BotRunner:
         client = await ctx.conns.dedicated(self.events_key, s.read_block_ms)
         reason = "released"
         try:
+            await client.initialize()
+            conn = client.connection
+            assert conn is not None  # a single-connection client has it once initialized
             # Before anything of the bot is handled: the journal shows who handled it when.
             await ctx.journal.write("start", bot_id=self.bot.bot_id)
             for fn in ctx.handlers.start:
@@ -168,29 +191,21 @@ class BotRunner:
                     break
                 if self.audio_key not in self._groups:
                     await self._ensure_groups(client)
-                streams: dict[KeyT, StreamIdT] = {
-                    k: ">" for k in (self.events_key, self.audio_key) if k in self._groups
-                }
+                streams = [k for k in (self.events_key, self.audio_key) if k in self._groups]
                 block = None if self._ended else s.read_block_ms
                 self.reading = True
                 try:
-                    reply = cast(
-                        StreamReply,
-                        await client.xreadgroup(
-                            s.group, s.instance_id, streams, count=s.read_count, block=block
-                        ),
-                    )
+                    batches = await self._ack_and_read(conn, streams, block)
                 finally:
                     self.reading = False
-                batches: dict[str, list[Entry]] = {self.events_key: [], self.audio_key: []}
-                for key, entries in reply or ():
-                    batches[text(key)] = entries
                 if self._ended and not any(batches.values()) and not any(self._held.values()):
                     self.stop_reason = "session_ended"
                     break
                 full = {k: len(v) >= s.read_count for k, v in batches.items()}
                 self.behind = any(full.values())
-                await self._process(client, batches, full=full)
+                await self._process(batches, full=full)
+            # What was handled and not yet acknowledged (the loop ended after a batch).
+            await self._ack_and_read(conn, [], None)
             reason = self.stop_reason or "released"
         except asyncio.CancelledError:
             reason = self.stop_reason or "released"
@@ -278,7 +293,7 @@ class BotRunner:
             ctx.metrics.entries_claimed.inc(n)
             self.bot.taken_over = True
             log.info("claimed unacknowledged entries", extra={"bot_id": self.bot.bot_id, "entries": n})
-            await self._process(client, claimed, full={})
+            await self._process(claimed, full={})
 
     async def _drop_idle_consumers(self, client: Any, key: str) -> None:
         s = self.ctx.settings
@@ -288,7 +303,48 @@ class BotRunner:
                 if name != s.instance_id and int(c["pending"]) == 0:
                     await client.xgroup_delconsumer(key, s.group, name)
 
-    async def _process(self, client: Any, batches: dict[str, list[Entry]], full: Mapping[str, bool]) -> None:
+    async def _ack_and_read(
+        self, conn: Connection, streams: list[str], block: int | None
+    ) -> dict[str, list[Entry]]:
+        """``XACK`` what was handled, then ``XREADGROUP`` ``streams`` (none: only acknowledge),
+        in one round trip on the bot's own connection.
+
+        The acknowledgements of a batch go out with the next read, which follows at once:
+        still after the handlers returned, and a round trip per read saved, the cost that
+        dominates a bot that keeps up (a read takes one or two entries).
+        """
+        s = self.ctx.settings
+        unacked, self._unacked = self._unacked, {}
+        commands = [_pack("XACK", key, s.group, *ids) for key, ids in unacked.items()]
+        if streams:
+            read = self._read_commands.get((*streams, block))
+            if read is None:
+                args: tuple[str | int, ...] = ("XREADGROUP", "GROUP", s.group, s.instance_id)
+                args += ("COUNT", s.read_count) + (("BLOCK", block) if block is not None else ())
+                read = self._read_commands[(*streams, block)] = _pack(
+                    *args, "STREAMS", *streams, *(">" for _ in streams)
+                )
+            commands.append(read)
+        batches: dict[str, list[Entry]] = {self.events_key: [], self.audio_key: []}
+        if not commands:
+            return batches
+        try:
+            await conn.send_packed_command(commands, check_health=False)
+            for _ in unacked:
+                await conn.read_response()
+            reply = await conn.read_response() if streams else None
+        except BaseException:
+            # Replies may be left unread on the socket: never use it again as it is.
+            # (Entries read and not handled stay pending; the next owner claims them.)
+            await conn.disconnect(nowait=True)
+            raise
+        if isinstance(reply, dict):  # RESP3: a map of stream -> entries
+            reply = list(reply.items())
+        for key, entries in reply or ():
+            batches[text(key)] = [(eid, _fields(flat)) for eid, flat in entries]
+        return batches
+
+    async def _process(self, batches: dict[str, list[Entry]], full: Mapping[str, bool]) -> None:
         """Merge the two streams by entry id and dispatch, holding back what may be
         overtaken: past the end of a stream's full batch, the other stream could have
         older entries we have not read yet."""
@@ -320,10 +376,11 @@ class BotRunner:
                     await self._dispatch_audio(eid, raw)
             finally:
                 self.handling = False
-            metrics = ctx.metrics
-            metrics.handler_seconds[stream].observe(time.perf_counter() - began)
-            metrics.entries[stream].inc()
+            ctx.metrics.handler_seconds[stream].observe(time.perf_counter() - began)
             done[key].append(eid)
+        for key, ids in done.items():
+            if ids:
+                ctx.metrics.entries["events" if key == self.events_key else "audio"].inc(len(ids))
         if not any(done.values()):
             return
         if self._records:
@@ -332,11 +389,9 @@ class BotRunner:
             # shared pool: in a cluster the journal may live on another node than the bot.)
             records, self._records = self._records, []
             await ctx.journal.write_all(records)
-        pipe = client.pipeline(transaction=False)
         for key, ids in done.items():
             if ids:
-                pipe.xack(key, ctx.settings.group, *ids)
-        await pipe.execute()
+                self._unacked.setdefault(key, []).extend(ids)
 
     def _order(self, key: str, entry_id: str, raw: Mapping[bytes, bytes]) -> tuple[int, int, int]:
         """Sort key across the two streams. Entry ids are times only to the millisecond
