@@ -9,6 +9,7 @@ avoids a click at every frame boundary.
 
 from __future__ import annotations
 
+import functools
 import math
 import wave
 from dataclasses import dataclass, field
@@ -104,8 +105,16 @@ def rms_dbfs(samples: np.ndarray) -> float:
     x = samples if samples.dtype == np.float32 else to_float32(samples)
     if not len(x):
         return -120.0
-    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+    rms = math.sqrt(float(np.dot(x, x)) / len(x))
     return 20 * math.log10(max(rms, 1e-6))
+
+
+@functools.lru_cache(maxsize=64)
+def _band_tools(n: int, sample_rate: int, low_hz: float, high_hz: float) -> tuple[np.ndarray, np.ndarray]:
+    """The analysis window and the voice-band mask for frames of ``n`` samples (made once)."""
+    freqs = np.fft.rfftfreq(n, 1 / sample_rate)
+    window = np.hanning(n).astype(np.float32)
+    return window, (freqs >= low_hz) & (freqs <= high_hz)
 
 
 def voice_band_ratio(
@@ -115,13 +124,13 @@ def voice_band_ratio(
     x = samples if samples.dtype == np.float32 else to_float32(samples)
     if len(x) < 16:
         return 0.0
-    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x)))) ** 2
-    freqs = np.fft.rfftfreq(len(x), 1 / sample_rate)
-    total = float(spectrum[1:].sum())
+    window, band = _band_tools(len(x), sample_rate, low_hz, high_hz)
+    spectrum = np.fft.rfft(x * window)
+    power = spectrum.real**2 + spectrum.imag**2
+    total = float(power[1:].sum())
     if total <= 0:
         return 0.0
-    band = float(spectrum[(freqs >= low_hz) & (freqs <= high_hz)].sum())
-    return band / total
+    return float(power[band].sum()) / total
 
 
 @dataclass
@@ -143,10 +152,8 @@ class VoiceDetector:
     _silent_run: int = 0
 
     def is_voiced(self, samples: np.ndarray, sample_rate: int) -> bool:
-        return (
-            rms_dbfs(samples) > self.threshold_dbfs
-            and voice_band_ratio(samples, sample_rate) >= self.min_band_ratio
-        )
+        x = samples if samples.dtype == np.float32 else to_float32(samples)  # once, for both tests
+        return rms_dbfs(x) > self.threshold_dbfs and voice_band_ratio(x, sample_rate) >= self.min_band_ratio
 
     def update(self, samples: np.ndarray, sample_rate: int) -> bool | None:
         """Feed a frame; True when speech starts, False when it stops, else None."""
