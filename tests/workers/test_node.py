@@ -6,10 +6,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import urllib.error
+import urllib.request
 
+import helm_python as helm
+import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.embedded_redis import free_port
 from gateway.testing.bot import SimulatedBot, Speaker
 from tests.conftest import ws_url
+from tests.deploy.conftest import ALL_ON_VALUES, CHART, NAMESPACE, RELEASE, RenderedChart
+from tests.deploy.promql import grouping_labels, metric_names, series_labels
 from tests.workers.conftest import needs_node
+from workers.constants import STOP_REASONS
+from workers.metrics import WorkerMetrics
 
 pytestmark = needs_node
 
@@ -61,3 +73,243 @@ async def test_node_worker_greets_and_counts(gateway, redis_url, node_worker_dir
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# -- metrics: the series the chart's alerts and dashboard query, from a Node worker ----------
+
+#: The series a worker in any language must export for the chart's worker alerts to cover
+#: it (docs/WORKERS.md, Metrics, In any language): exactly the names the alert rules query.
+ALERT_SERIES = {
+    "meetstream_worker_bots_owned",
+    "meetstream_worker_bots_known",
+    "meetstream_worker_stream_lag_entries",
+    "meetstream_worker_audio_seq_gaps_total",
+    "meetstream_worker_handler_failures_total",
+    "meetstream_worker_bots_stopped_total",
+}
+# Labels Prometheus adds to every scraped series (ServiceMonitor targets), beside the worker's own.
+TARGET_LABELS = {"namespace", "pod", "job", "instance", "service", "container", "endpoint"}
+DASHBOARD = CHART / "dashboards" / "meetstream-gateway.json"
+
+
+def _worker_alert_exprs() -> list[str]:
+    """The expressions of the chart's ``meetstream-workers`` rule group, rendered by Helm."""
+    with helm.Chart.load(CHART) as chart:
+        rendered = RenderedChart(
+            chart.render(
+                yaml.safe_load(ALL_ON_VALUES.read_text()), name=RELEASE, namespace=NAMESPACE, is_install=True
+            )
+        )
+    return [rule["expr"] for rule in rendered.rule_group("meetstream-workers")["rules"]]
+
+
+def _worker_dashboard_exprs() -> list[str]:
+    exprs: list[str] = []
+
+    def panels(items: list[dict]) -> None:
+        for panel in items:
+            exprs.extend(t["expr"] for t in panel.get("targets", []) if "meetstream_worker_" in t["expr"])
+            panels(panel.get("panels", []))
+
+    panels(json.loads(DASHBOARD.read_text())["panels"])
+    return exprs
+
+
+def _needed(exprs: list[str]) -> dict[str, set[str]]:
+    """Metric name -> the worker's own labels the expressions match or group on."""
+    needed: dict[str, set[str]] = {}
+    for expr in exprs:
+        matched = series_labels(expr)
+        grouped = grouping_labels(expr) - TARGET_LABELS
+        for name in metric_names(expr):
+            needed.setdefault(name, set()).update(grouped, matched.get(name, set()) - TARGET_LABELS)
+    return needed
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _sdk_series() -> dict[str, set[str]]:
+    """Sample name -> label names, of the Python SDK's metrics (workers/metrics.py)."""
+    registry = CollectorRegistry()
+    WorkerMetrics("g", STOP_REASONS, registry)
+    series: dict[str, set[str]] = {}
+    for family in registry.collect():
+        for s in family.samples:
+            if not s.name.endswith("_created"):
+                series.setdefault(s.name, set()).update(s.labels)
+    return series
+
+
+def _names(m: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for name, labels in m:
+        out.setdefault(name, set()).update(k for k, _ in labels)
+    return out
+
+
+async def _start_node(node_worker_dir, redis_url: str, port: int, group: str, *args: str):
+    return await asyncio.create_subprocess_exec(
+        "node",
+        "worker.js",
+        *args,
+        cwd=node_worker_dir,
+        stdout=asyncio.subprocess.PIPE,
+        env={
+            "PATH": os.environ["PATH"],
+            "MEETSTREAM_REDIS_URL": redis_url,
+            "MEETSTREAM_WORKER_GROUP": group,
+            "MEETSTREAM_WORKER_METRICS_PORT": str(port),
+            "MEETSTREAM_WORKER_METRICS_HOST": "127.0.0.1",
+        },
+    )
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+def test_the_alert_contract_is_what_the_chart_alerts_on():
+    """The contract's required series are exactly the metric names the chart's worker alerts
+    query (a new alert on another series must be added to the contract, and to docs/WORKERS.md);
+    the dashboard's worker panels use only series the SDK exports."""
+    alerts = _needed(_worker_alert_exprs())
+    assert set(alerts) == ALERT_SERIES
+    sdk = _sdk_series()
+    for name, labels in {**_needed(_worker_dashboard_exprs()), **alerts}.items():
+        assert name in sdk, name
+        assert labels <= sdk[name], (name, labels)
+
+
+async def test_node_worker_exports_the_sdk_metrics_and_they_move(gateway, redis_url, node_worker_dir):
+    """1. the Node worker with a metrics port, a handler slower than the audio (10 ms a frame,
+    reads of 16); 2. two bots join: /metrics shows both owned and known, one member;
+    3. one bot writes 200 frames at once: entries handled and handler time grow to 200, the
+    lag (audio entries behind the head, by seq) is seen above 0 and back at 0, no gap;
+    4. the other bot leaves: stopped (session_ended), one owned; 5. every series the chart's
+    alerts and dashboard query is there with their labels, with the SDK's names and labels;
+    /readyz 200, then SIGTERM: exit 0."""
+    port = free_port()
+    proc = await _start_node(
+        node_worker_dir,
+        redis_url,
+        port,
+        "node-metrics",
+        "--lag-sample-s",
+        "0.1",
+        "--read-count",
+        "16",
+        "--audio-delay-ms",
+        "10",
+        "--report-every-s",
+        "60",
+    )
+    g = (("group", "node-metrics"),)
+    audio = (*g, ("stream", "audio"))
+
+    async def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return await asyncio.to_thread(_scrape, port)
+
+    async def until(check, what: str, timeout_s: float = 15.0):
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            m = await scrape()
+            if check(m):
+                return m
+            assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}: {m}"
+            await asyncio.sleep(0.1)
+
+    try:
+        assert (await _line(proc, 20))["metrics_port"] == port
+        async with (
+            SimulatedBot(ws_url(gateway), "bot_m1", record_sent=False) as talker,
+            SimulatedBot(ws_url(gateway), "bot_m2", record_sent=False) as leaver,
+        ):
+            m = await until(lambda m: m[("meetstream_worker_bots_owned", g)] == 2, "both bots owned")
+            assert m[("meetstream_worker_bots_known", g)] == 2
+            assert m[("meetstream_worker_group_members", g)] == 1
+            assert m[("meetstream_worker_bots_started_total", g)] == 2
+            await talker.stream_speech([Speaker("s1", "Ada")], 20.0, realtime=False)  # 200 frames at once
+            lags: list[float] = []
+            deadline = asyncio.get_running_loop().time() + 30
+            while (m := await scrape())[("meetstream_worker_entries_handled_total", audio)] < 200:
+                lags.append(m[("meetstream_worker_stream_lag_entries", audio)])
+                assert asyncio.get_running_loop().time() < deadline, f"frames not handled: {m}"
+                await asyncio.sleep(0.1)
+            assert m[("meetstream_worker_entries_handled_total", audio)] == 200
+            assert max(lags) > 0, f"the lag never showed: {lags}"
+            m = await until(
+                lambda m: m[("meetstream_worker_stream_lag_entries", audio)] == 0, "the lag back at 0"
+            )
+            assert m[("meetstream_worker_handler_seconds_count", audio)] == 200
+            assert m[("meetstream_worker_handler_seconds_sum", audio)] > 0
+            assert m[("meetstream_worker_entries_handled_total", (*g, ("stream", "events")))] > 0
+            assert m[("meetstream_worker_audio_seq_gaps_total", g)] == 0
+            assert m[("meetstream_worker_handler_failures_total", (*g, ("outcome", "error")))] == 0
+            await leaver.close()
+            m = await until(
+                lambda m: m[("meetstream_worker_bots_stopped_total", (*g, ("reason", "session_ended")))] == 1,
+                "the bot that left let go",
+            )
+            assert m[("meetstream_worker_bots_owned", g)] == 1
+            exported = _names(m)
+            for name, labels in {
+                **_needed(_worker_dashboard_exprs()),
+                **_needed(_worker_alert_exprs()),
+            }.items():
+                assert name in exported, f"the Node worker does not export {name}"
+                assert labels <= exported[name], (name, labels, exported[name])
+            assert exported == _sdk_series(), "the Node worker's series differ from the SDK's"
+            assert all("bot_id" not in labels for labels in exported.values())
+            assert await asyncio.to_thread(_status, port, "/readyz") == 200
+            assert await asyncio.to_thread(_status, port, "/healthz") == 200
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        await _stop(proc)
+
+
+async def test_node_worker_serves_probes_before_redis_and_readyz_fails_once_stopping(node_worker_dir):
+    """With Redis unreachable: 1. /metrics has every series from the first scrape (0), /healthz
+    and /readyz answer 200, an unknown path 404; 2. SIGTERM: /readyz answers 503."""
+    port = free_port()
+    proc = await _start_node(node_worker_dir, f"redis://127.0.0.1:{free_port()}/0", port, "node-probes")
+    try:
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:
+            try:
+                m = await asyncio.to_thread(_scrape, port)
+                break
+            except OSError:
+                assert asyncio.get_running_loop().time() < deadline, "no metrics server"
+                await asyncio.sleep(0.1)
+        assert _names(m) == _sdk_series()
+        assert set(m.values()) == {0}
+        assert await asyncio.to_thread(_status, port, "/healthz") == 200
+        assert await asyncio.to_thread(_status, port, "/readyz") == 200
+        assert await asyncio.to_thread(_status, port, "/no-such-path") == 404
+        proc.terminate()
+        deadline = asyncio.get_running_loop().time() + 10
+        while await asyncio.to_thread(_status, port, "/readyz") != 503:
+            assert asyncio.get_running_loop().time() < deadline, "/readyz still 200 after SIGTERM"
+            await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(_status, port, "/healthz") == 200
+    finally:
+        await _stop(proc)

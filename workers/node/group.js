@@ -10,10 +10,16 @@
 //
 // handlers (all optional, may be async): onStart(bot), onStop(bot, reason),
 // onEvent(bot, event), onAudio(bot, frame). An entry is acknowledged only after
-// its handler returned. `bot.send(field, value)` XADDs a command.
+// its handler returned; a handler that throws or overstays handlerTimeoutS is logged
+// and counted, and its entry is still acknowledged (as in the Python SDK).
+// `bot.send(field, value)` XADDs a command.
+//
+// `group.metrics` (WorkerMetrics) holds the Python SDK's `meetstream_worker_*` series,
+// same names, labels and meaning (docs/WORKERS.md, Metrics), in `group.metrics.registry`.
 "use strict";
 
 const zlib = require("node:zlib");
+const prom = require("prom-client");
 
 // Extend or delete the lease only if we still hold it.
 const RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0";
@@ -31,7 +37,13 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 `;
 const START_TYPES = new Set(["connected", "ready", "audio_handshake"]);
 const JOURNAL_MAXLEN = "10000";
+const STOP_REASONS = ["session_ended", "released", "lease_lost", "expired", "error"];
+const STREAMS = ["audio", "events"];
+const HANDLER_OUTCOMES = ["error", "timeout"];
+// Handler time per entry: from a millisecond to the default handler timeout (the SDK's buckets).
+const HANDLER_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
 
+const TIMED_OUT = Symbol("timed out");
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const now = () => performance.now() / 1000; // monotonic seconds
 const idMs = (id) => Number(String(id).split("-")[0]);
@@ -50,6 +62,91 @@ function crc32(text) {
   return zlib.crc32 ? zlib.crc32(text) : [...text].reduce((h, c) => (h * 31 + c.charCodeAt(0)) >>> 0, 7);
 }
 
+// The Python SDK's metrics (workers/metrics.py), same names, types, labels and meaning:
+// every series carries `group`; the other labels come from closed sets, never a bot_id.
+// Every series exists from the first scrape (pre-initialised at 0).
+class WorkerMetrics {
+  constructor(group, registry = new prom.Registry()) {
+    this.registry = registry;
+    const NS = "meetstream_worker";
+    const make = (Kind, name, help, labels = [], extra = {}) =>
+      new Kind({ name: `${NS}_${name}`, help, labelNames: ["group", ...labels], registers: [registry], ...extra });
+    const one = (metric) => {
+      const child = metric.labels({ group });
+      if (child.inc) child.inc(0);
+      else child.set(0);
+      return child;
+    };
+    const by = (metric, label, values) =>
+      Object.fromEntries(
+        values.map((v) => {
+          const child = metric.labels({ group, [label]: v });
+          if (child.inc) child.inc(0);
+          else child.set(0);
+          return [v, child];
+        }),
+      );
+    this.botsOwned = one(make(prom.Gauge, "bots_owned", "Bots this instance owns now"));
+    this.botsKnown = one(make(prom.Gauge, "bots_known", "Live bots of the group (its registry) as this instance last read it"));
+    this.members = one(make(prom.Gauge, "group_members", "Live instances of the group as this instance last saw them"));
+    this.botsStarted = one(make(prom.Counter, "bots_started_total", "Bots this instance took"));
+    this.takeovers = one(
+      make(
+        prom.Counter,
+        "takeovers_total",
+        "Bots this instance took that an instance of the group had handled before " +
+          "(after a crash, a hand-back, a rebalance or a reconnect)",
+      ),
+    );
+    this.botsStopped = by(make(prom.Counter, "bots_stopped_total", "Bots this instance let go, by why", ["reason"]), "reason", STOP_REASONS);
+    this.botsShed = one(make(prom.Counter, "bots_handed_over_total", "Bots handed back to balance the group"));
+    this.entries = by(make(prom.Counter, "entries_handled_total", "Stream entries dispatched to handlers", ["stream"]), "stream", STREAMS);
+    this.entriesClaimed = one(
+      make(prom.Counter, "entries_claimed_total", "Entries a previous owner read and did not acknowledge, taken over (they may repeat)"),
+    );
+    const seconds = make(prom.Histogram, "handler_seconds", "Time all handlers took for one entry", ["stream"], { buckets: HANDLER_BUCKETS });
+    this.handlerSeconds = Object.fromEntries(
+      STREAMS.map((stream) => {
+        seconds.zero({ group, stream });
+        return [stream, seconds.labels({ group, stream })];
+      }),
+    );
+    this.handlerFailures = by(
+      make(prom.Counter, "handler_failures_total", "Handlers that raised or timed out", ["outcome"]),
+      "outcome",
+      HANDLER_OUTCOMES,
+    );
+    this.lagEntries = by(
+      make(
+        prom.Gauge,
+        "stream_lag_entries",
+        "Most entries between what this instance handled and the head of an owned bot's stream " +
+          "(audio only: counted by seq); past the gateway's audio MAXLEN, unread audio is trimmed",
+        ["stream"],
+      ),
+      "stream",
+      ["audio"],
+    ).audio;
+    this.lagSeconds = by(
+      make(prom.Gauge, "stream_lag_seconds", "Most time between the last entry this instance handled and the head of an owned bot's stream", ["stream"]),
+      "stream",
+      STREAMS,
+    );
+    this.seqGaps = one(
+      make(
+        prom.Counter,
+        "audio_seq_gaps_total",
+        "Audio frames missing under one connection before this instance read them " +
+          "(trimmed by the gateway's MAXLEN, or lost upstream)",
+      ),
+    );
+    this.seqRepeats = one(make(prom.Counter, "audio_seq_repeats_total", "Audio frames seen again (handled twice after a takeover)"));
+    this.ownVoiceSkipped = one(make(prom.Counter, "own_voice_frames_skipped_total", "Frames of the bot's own voice not passed to onAudio"));
+    this.maxBotsHit = one(make(prom.Counter, "max_bots_hit_total", "Claim rounds that left free bots because max_bots was reached"));
+    this.redisErrors = one(make(prom.Counter, "redis_errors_total", "Redis operations that failed (retried, or the bot was let go)"));
+  }
+}
+
 class Bot {
   constructor(group, id, commandsKey) {
     this.id = id;
@@ -57,6 +154,7 @@ class Bot {
     this.state = {}; // the application's own per-bot state
     this.ready = false;
     this.takenOver = false;
+    this.name = group.botName; // its display name: set by botName, else from its ready handshake
     this._group = group;
   }
 
@@ -87,6 +185,11 @@ class WorkerGroup {
     this.conformance = Boolean(opts.conformance);
     this.handlers = opts.handlers || {};
     this.log = opts.log || (() => {});
+    this.handlerTimeoutS = opts.handlerTimeoutS ?? 60; // 0: none
+    this.lagSampleS = opts.lagSampleS ?? 5;
+    this.botName = opts.botName || null; // the bot's display name: its own voice comes back under it
+    this.excludeOwnVoice = opts.excludeOwnVoice ?? true;
+    this.metrics = opts.metrics || new WorkerMetrics(this.group);
     if (this.leaseRenewS * 2 >= this.leaseTtlS) throw new Error("leaseRenewS must be under half of leaseTtlS");
 
     this.keys = {
@@ -127,7 +230,7 @@ class WorkerGroup {
       claim_interval_ms: Math.round(this.claimIntervalS * 1000),
       impl: "node",
     });
-    this._loops = [this._discoveryLoop(), this._claimLoop(), this._renewLoop()];
+    this._loops = [this._discoveryLoop(), this._claimLoop(), this._renewLoop(), this._lagLoop()];
   }
 
   // Stop claiming, leave the member set (the others then take our bots at once),
@@ -136,6 +239,7 @@ class WorkerGroup {
     if (this.stopping) return;
     this.stopping = true;
     this.wake();
+    if (this._stopLag) this._stopLag();
     await this.redis.zrem(this.keys.members, this.instance).catch(() => {});
     const runners = [...this.runners.values()];
     for (const r of runners) r.requestStop("released");
@@ -172,6 +276,7 @@ class WorkerGroup {
             this.wake();
           }
         } catch (e) {
+          this.metrics.redisErrors.inc();
           this.log("discovery read failed, retrying", { error: String(e) });
           await sleep(1000);
         }
@@ -210,6 +315,7 @@ class WorkerGroup {
     const ttl = this.stopping ? 0 : this.memberTtlMs;
     const live = await this.redis.eval(HEARTBEAT, 1, this.keys.members, this.instance, ttl);
     this.members = [...new Set([...live.map(String), ...(ttl ? [this.instance] : [])])].sort();
+    this.metrics.members.set(this.members.length);
     return this.members;
   }
 
@@ -218,6 +324,7 @@ class WorkerGroup {
       try {
         await this._claimRound();
       } catch (e) {
+        this.metrics.redisErrors.inc();
         this.log("claim round failed", { error: String(e) });
       }
       await Promise.race([sleep(this.claimIntervalS * 1000), new Promise((r) => (this._wake = r))]);
@@ -228,6 +335,7 @@ class WorkerGroup {
   async _claimRound() {
     const members = await this.heartbeat();
     const registry = await this.redis.hgetall(this.keys.registry);
+    this.metrics.botsKnown.set(Object.keys(registry).length);
     const t = now();
     for (const [bot, until] of this.shedUntil) if (until <= t) this.shedUntil.delete(bot);
     const candidates = Object.keys(registry).filter((b) => !this.runners.has(b));
@@ -260,6 +368,11 @@ class WorkerGroup {
   // claim interval is anyone's. Lost races are retried further down the list.
   async _take(free, registry, fair) {
     const room = Math.max(0, this.maxBots - this.runners.size);
+    if (!room) {
+      this.metrics.maxBotsHit.inc();
+      this.log("max_bots reached, leaving free bots to other instances", { max_bots: this.maxBots, free: free.size });
+      return;
+    }
     const atOnce = Math.max(0, fair - this.runners.size);
     const ranked = [...free.keys()].sort(
       (a, b) => free.get(b) - free.get(a) || crc32(`${this.instance}/${a}`) - crc32(`${this.instance}/${b}`),
@@ -320,6 +433,7 @@ class WorkerGroup {
     const runner = running.reduce((a, b) => (b.startedAt > a.startedAt ? b : a));
     this.lastShed = t;
     this.shedUntil.set(runner.bot.id, t + this.leaseTtlS);
+    this.metrics.botsShed.inc();
     this.log("handing a bot back to balance the group", { bot_id: runner.bot.id });
     runner.requestStop("released");
   }
@@ -339,6 +453,7 @@ class WorkerGroup {
         }
         replies = await pipe.exec();
       } catch (e) {
+        this.metrics.redisErrors.inc();
         this.log("lease renewal failed", { error: String(e) }); // runners stop when their validity runs out
         continue;
       }
@@ -354,9 +469,79 @@ class WorkerGroup {
     }
   }
 
+  // Every lagSampleS: how far the owned bots' streams are ahead of what we handled.
+  // Only bots whose last read came back full can be behind (a short read took
+  // everything there was), so a group that keeps up costs no Redis call here.
+  async _lagLoop() {
+    while (!this.stopping) {
+      await Promise.race([sleep(this.lagSampleS * 1000), new Promise((r) => (this._stopLag = r))]);
+      if (this.stopping) break;
+      const behind = [...this.runners.values()].filter((r) => r.behind && !r.stopReason);
+      let entries = 0;
+      const seconds = { audio: 0, events: 0 };
+      try {
+        // One XREVRANGE ... COUNT 1 per stream; separate commands, not one pipeline:
+        // in a cluster each bot's keys may live on another node.
+        const heads = await Promise.all(
+          behind.map((r) =>
+            Promise.all([
+              this.redis.xrevrange(r.audioKey, "+", "-", "COUNT", 1),
+              this.redis.xrevrange(r.eventsKey, "+", "-", "COUNT", 1),
+            ]),
+          ),
+        );
+        behind.forEach((r, i) => {
+          const [n, audioS, eventsS] = r.lag(heads[i][0], heads[i][1]);
+          entries = Math.max(entries, n);
+          seconds.audio = Math.max(seconds.audio, audioS);
+          seconds.events = Math.max(seconds.events, eventsS);
+        });
+      } catch (e) {
+        this.metrics.redisErrors.inc();
+        this.log("lag sample failed", { error: String(e) });
+        continue;
+      }
+      this.metrics.lagEntries.set(entries);
+      for (const s of STREAMS) this.metrics.lagSeconds[s].set(seconds[s]);
+    }
+  }
+
+  // Run one handler for a bot: bounded by handlerTimeoutS, a failure logged and counted,
+  // never thrown (the entry is acknowledged all the same: a handler that always fails on
+  // an entry must not stop the bot's stream forever). A promise cannot be cancelled: one
+  // that overstays runs on in the background while the bot goes on.
+  async callHandler(name, bot, ...args) {
+    const fn = this.handlers[name];
+    if (!fn) return;
+    let timer = null;
+    try {
+      const result = fn(bot, ...args);
+      if (result && typeof result.then === "function") {
+        if (this.handlerTimeoutS > 0) {
+          const timeout = new Promise((resolve) => {
+            timer = setTimeout(() => resolve(TIMED_OUT), this.handlerTimeoutS * 1000);
+          });
+          const outcome = await Promise.race([result, timeout]);
+          if (outcome === TIMED_OUT) {
+            result.catch(() => {});
+            this.metrics.handlerFailures.timeout.inc();
+            this.log("handler timed out", { bot_id: bot.id, handler: name, handler_timeout_s: this.handlerTimeoutS });
+          }
+        } else await result;
+      }
+    } catch (e) {
+      this.metrics.handlerFailures.error.inc();
+      this.log("handler failed", { bot_id: bot.id, handler: name, error: String((e && e.stack) || e) });
+    } finally {
+      if (timer) clearTimeout(timer);
+    }
+  }
+
   _startRunner(botId, commandsKey, validUntil) {
     const runner = new Runner(this, botId, commandsKey, validUntil);
     this.runners.set(botId, runner);
+    this.metrics.botsStarted.inc();
+    this.metrics.botsOwned.set(this.runners.size);
     runner.done = runner.run().catch((e) => this.log("bot runner failed", { bot_id: botId, error: String(e) }));
     this.log("bot taken", { bot_id: botId });
   }
@@ -380,6 +565,30 @@ class Runner {
     this.lastEventId = "";
     this.ended = false;
     this.records = [];
+    this.behind = false; // the last read of a stream came back full: we may be behind its head
+    this.lastFrame = null; // [conn, seq, entry ms] of the last frame handled
+    this.lastEventMs = 0;
+  }
+
+  // How far the streams' heads (XREVRANGE ... COUNT 1 replies) are ahead of us: audio
+  // entries (by seq; a head of a newer connection counts its seq + 1, a lower bound),
+  // and seconds of entry time on each stream. As the SDK's BotRunner.lag.
+  lag(audioHead, eventsHead) {
+    let entries = 0;
+    let audioS = 0;
+    let eventsS = 0;
+    if (audioHead && audioHead.length && this.lastFrame) {
+      const [headId, flat] = audioHead[0];
+      const f = fieldMap(flat);
+      const [conn, seq, ms] = this.lastFrame;
+      const headSeq = Number(f.seq || 0);
+      entries = f.conn === conn ? Math.max(0, headSeq - seq) : headSeq + 1;
+      audioS = Math.max(0, (idMs(headId) - ms) / 1000);
+    }
+    if (eventsHead && eventsHead.length && this.lastEventMs) {
+      eventsS = Math.max(0, (idMs(eventsHead[0][0]) - this.lastEventMs) / 1000);
+    }
+    return [entries, audioS, eventsS];
   }
 
   requestStop(reason) {
@@ -392,10 +601,11 @@ class Runner {
     let reason = "released";
     try {
       await g.journal("start", { bot_id: this.bot.id }); // before anything of the bot is handled
-      if (g.handlers.onStart) await g.handlers.onStart(this.bot);
+      await g.callHandler("onStart", this.bot);
       await this._ensureGroups(conn);
       if (!this.groups.has(this.eventsKey)) this.stopReason = "expired";
       else await this._claimPending(conn);
+      if (this.bot.takenOver) g.metrics.takeovers.inc();
       while (!this.stopReason) {
         if (now() > this.validUntil) {
           this.stopReason = "lease_lost";
@@ -415,11 +625,13 @@ class Runner {
           break;
         }
         const full = new Map([...batches].map(([k, v]) => [k, v.length >= g.readCount]));
+        this.behind = [...full.values()].some(Boolean);
         await this._process(conn, batches, full);
       }
       reason = this.stopReason || "released";
     } catch (e) {
       reason = "error";
+      g.metrics.redisErrors.inc();
       g.log("bot stream failed; releasing it", { bot_id: this.bot.id, error: String(e) });
     } finally {
       await this._finish(conn, reason);
@@ -428,11 +640,7 @@ class Runner {
 
   async _finish(conn, reason) {
     const g = this.g;
-    try {
-      if (g.handlers.onStop) await g.handlers.onStop(this.bot, reason);
-    } catch (e) {
-      g.log("onStop failed", { bot_id: this.bot.id, error: String(e) });
-    }
+    await g.callHandler("onStop", this.bot, reason);
     this.validUntil = 0; // from here the bot may be another instance's
     try {
       if (reason === "session_ended" || reason === "expired") {
@@ -448,6 +656,8 @@ class Runner {
     }
     conn.disconnect();
     if (g.runners.get(this.bot.id) === this) g.runners.delete(this.bot.id);
+    g.metrics.botsStopped[reason].inc();
+    g.metrics.botsOwned.set(g.runners.size);
     g.log("bot let go", { bot_id: this.bot.id, reason });
     g.wake();
   }
@@ -489,7 +699,9 @@ class Runner {
         if (info.name !== g.instance && Number(info.pending) === 0) await conn.xgroup("DELCONSUMER", key, g.group, info.name);
       }
     }
-    if ([...claimed.values()].some((v) => v.length)) {
+    const n = [...claimed.values()].reduce((sum, v) => sum + v.length, 0);
+    if (n) {
+      g.metrics.entriesClaimed.inc(n);
       this.bot.takenOver = true;
       await this._process(conn, claimed, new Map());
     }
@@ -530,10 +742,13 @@ class Runner {
         this.stopReason = "lease_lost";
         break;
       }
+      const began = performance.now();
       if (e.key === this.eventsKey) await this._event(e.id, e.f);
       else await this._audio(e.id, e.f);
+      g.metrics.handlerSeconds[e.key === this.eventsKey ? "events" : "audio"].observe((performance.now() - began) / 1000);
       done.get(e.key).push(e.id);
     }
+    for (const [key, ids] of done) if (ids.length) g.metrics.entries[key === this.eventsKey ? "events" : "audio"].inc(ids.length);
     if (![...done.values()].some((v) => v.length)) return;
     const pipe = g.redis.pipeline();
     // Records before acknowledgements: an entry may be recorded twice, never acked unrecorded.
@@ -547,10 +762,24 @@ class Runner {
     const g = this.g;
     const bot = this.bot;
     this.lastEventId = id;
+    this.lastEventMs = idMs(id);
     if (f.type === "connected") {
       this.ended = false;
       if (f.commands_key) bot.commandsKey = f.commands_key;
-    } else if (f.type === "ready") bot.ready = true;
+    } else if (f.type === "ready") {
+      bot.ready = true;
+      if (!g.botName) {
+        // The bot's display name from its ready handshake: its own voice comes back under it.
+        let data = null;
+        try {
+          data = JSON.parse(f.data || "null");
+        } catch {
+          data = null;
+        }
+        const named = data && ["bot_name", "display_name", "name"].find((k) => typeof data[k] === "string");
+        if (named) bot.name = data[named];
+      }
+    }
     else if (f.type === "disconnected" && f.channel === "control") bot.ready = false;
     else if (f.type === "session_ended") {
       bot.ready = false;
@@ -566,14 +795,18 @@ class Runner {
         await bot.send("json", JSON.stringify({ command: "sendmsg", message: `pong:${data.id}` }));
       }
     }
-    if (g.handlers.onEvent) await g.handlers.onEvent(bot, { id, type: f.type, fields: f });
+    await g.callHandler("onEvent", bot, { id, type: f.type, fields: f });
   }
 
   async _audio(id, f) {
     const g = this.g;
     const frame = { id, conn: f.conn, seq: Number(f.seq), speakerId: f.speaker_id, speakerName: f.speaker_name, pcm: f.pcm, ts: Number(f.ts) };
+    this.lastFrame = [frame.conn, frame.seq, idMs(id)];
     const last = this.lastSeq.get(frame.conn);
-    if (last !== undefined && frame.seq > last + 1) g.log("audio frames missing", { bot_id: this.bot.id, conn: frame.conn, missing: frame.seq - last - 1 });
+    if (last !== undefined && frame.seq > last + 1) {
+      g.metrics.seqGaps.inc(frame.seq - last - 1);
+      g.log("audio frames missing", { bot_id: this.bot.id, conn: frame.conn, after_seq: last, missing: frame.seq - last - 1 });
+    } else if (last !== undefined && frame.seq <= last) g.metrics.seqRepeats.inc();
     this.lastSeq.set(frame.conn, Math.max(frame.seq, last ?? -1));
     if (g.conformance) {
       this.records.push([
@@ -581,8 +814,12 @@ class Runner {
         "conn", frame.conn, "seq", String(frame.seq), "entry_id", id, "at", String(Date.now()),
       ]);
     }
-    if (g.handlers.onAudio) await g.handlers.onAudio(this.bot, frame);
+    if (g.excludeOwnVoice && this.bot.name && frame.speakerName === this.bot.name) {
+      g.metrics.ownVoiceSkipped.inc();
+      return;
+    }
+    await g.callHandler("onAudio", this.bot, frame);
   }
 }
 
-module.exports = { WorkerGroup, Bot, RENEW, RELEASE, HEARTBEAT };
+module.exports = { WorkerGroup, WorkerMetrics, Bot, RENEW, RELEASE, HEARTBEAT, STOP_REASONS };

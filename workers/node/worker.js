@@ -8,27 +8,36 @@
 // report line per bot when its session ends.
 //
 //   MEETSTREAM_REDIS_URL=redis://127.0.0.1:6379/0 node worker.js [--max-bots N]
-//       [--report-every-s S] [--greeting TEXT]
+//       [--report-every-s S] [--greeting TEXT] [--lag-sample-s S] [--read-count N]
+//       [--audio-delay-ms MS]   (a handler slower than the audio: to watch the lag metrics)
 //
 // Env: MEETSTREAM_REDIS_URL, MEETSTREAM_KEY_PREFIX (default meetstream),
 // MEETSTREAM_WORKER_GROUP (default node-greeter), MEETSTREAM_WORKER_INSTANCE
 // (default host-pid), MEETSTREAM_LEASE_TTL_S (5), MEETSTREAM_LEASE_RENEW_S
 // (a fifth of the TTL), MEETSTREAM_CLAIM_INTERVAL_S (0.5), MEETSTREAM_CONFORMANCE
-// (1: the conformance kit's records and pongs, docs/WORKERS.md).
+// (1: the conformance kit's records and pongs, docs/WORKERS.md), MEETSTREAM_BOT_NAME
+// (its own voice is left out of onAudio), MEETSTREAM_WORKER_METRICS_PORT (0 or unset: no
+// server) and MEETSTREAM_WORKER_METRICS_HOST (0.0.0.0): /metrics (the SDK's
+// meetstream_worker_* series), /healthz (200 while the event loop answers) and /readyz
+// (503 once stopping), as the Python SDK serves them.
 "use strict";
 
+const http = require("node:http");
 const os = require("node:os");
 const Redis = require("ioredis");
 const { encode } = require("@msgpack/msgpack");
 const { WorkerGroup } = require("./group");
 
 function parseArgs(argv) {
-  const opts = { maxBots: 0, reportEveryS: 5, greeting: "Hello from a Node.js worker!" };
+  const opts = { maxBots: 0, reportEveryS: 5, greeting: "Hello from a Node.js worker!", lagSampleS: 5, readCount: 64, audioDelayMs: 0 };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === "--max-bots") opts.maxBots = Number(argv[++i]);
     else if (a === "--report-every-s") opts.reportEveryS = Number(argv[++i]);
     else if (a === "--greeting") opts.greeting = argv[++i];
+    else if (a === "--lag-sample-s") opts.lagSampleS = Number(argv[++i]);
+    else if (a === "--read-count") opts.readCount = Number(argv[++i]);
+    else if (a === "--audio-delay-ms") opts.audioDelayMs = Number(argv[++i]);
     else throw new Error(`unknown argument ${a}`);
   }
   return opts;
@@ -66,6 +75,9 @@ const workerGroup = new WorkerGroup({
   leaseRenewS: num("MEETSTREAM_LEASE_RENEW_S", leaseTtlS / 5),
   claimIntervalS: num("MEETSTREAM_CLAIM_INTERVAL_S", 0.5),
   conformance: ["1", "true", "yes", "on"].includes(String(env.MEETSTREAM_CONFORMANCE || "").toLowerCase()),
+  botName: env.MEETSTREAM_BOT_NAME || null,
+  lagSampleS: opts.lagSampleS,
+  readCount: opts.readCount,
   log,
   handlers: {
     onStart(bot) {
@@ -79,7 +91,8 @@ const workerGroup = new WorkerGroup({
         log("greeted", { bot_id: bot.id });
       }
     },
-    onAudio(bot, frame) {
+    async onAudio(bot, frame) {
+      if (opts.audioDelayMs) await new Promise((resolve) => setTimeout(resolve, opts.audioDelayMs));
       bot.state.frames += 1;
       bot.state.speakers.add(frame.speakerName);
     },
@@ -111,18 +124,54 @@ function stop() {
     .catch((e) => log("stop failed", { error: String(e) }))
     .finally(() => {
       redis.disconnect();
+      if (server) server.close();
       process.exit(0);
     });
   return stopping;
 }
 
+// /metrics, /healthz and /readyz on MEETSTREAM_WORKER_METRICS_PORT, before Redis is
+// reached (as the SDK does): the liveness probe answers from this event loop, so a loop
+// blocked for good fails it.
+let server = null;
+function serveMetrics(port, host) {
+  const registry = workerGroup.metrics.registry;
+  server = http.createServer((req, res) => {
+    const path = (req.url || "").split("?", 1)[0];
+    if (req.method !== "GET" && req.method !== "HEAD") {
+      res.writeHead(405).end();
+    } else if (path === "/metrics") {
+      registry.metrics().then(
+        (text) => res.writeHead(200, { "Content-Type": registry.contentType }).end(text),
+        (e) => res.writeHead(500).end(String(e)),
+      );
+    } else if (path === "/healthz") {
+      res.writeHead(200, { "Content-Type": "text/plain" }).end("ok\n");
+    } else if (path === "/readyz") {
+      const ok = !stopping;
+      res.writeHead(ok ? 200 : 503, { "Content-Type": "text/plain" }).end(ok ? "ready\n" : "stopping\n");
+    } else {
+      res.writeHead(404).end();
+    }
+  });
+  return new Promise((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(port, host, () => resolve(server.address().port));
+  });
+}
+
 process.on("SIGTERM", stop);
 process.on("SIGINT", stop);
 
-workerGroup
-  .start()
-  .then(() => process.stdout.write(JSON.stringify({ ready: true, group, consumer: instance }) + "\n"))
-  .catch((e) => {
-    log("worker failed", { error: String(e) });
-    process.exit(1);
-  });
+async function main() {
+  const port = num("MEETSTREAM_WORKER_METRICS_PORT", 0);
+  const metricsPort = port ? await serveMetrics(port, env.MEETSTREAM_WORKER_METRICS_HOST || "0.0.0.0") : null;
+  if (metricsPort) log("metrics served", { port: metricsPort });
+  await workerGroup.start();
+  process.stdout.write(JSON.stringify({ ready: true, group, consumer: instance, metrics_port: metricsPort }) + "\n");
+}
+
+main().catch((e) => {
+  log("worker failed", { error: String(e) });
+  process.exit(1);
+});
