@@ -8,15 +8,20 @@ import json
 import os
 import urllib.error
 import urllib.request
+from collections import Counter
+from collections.abc import Iterator
 
 import helm_python as helm
+import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio.cluster import RedisCluster
 
 from gateway.embedded_redis import free_port
 from gateway.testing.bot import SimulatedBot, Speaker
-from tests.conftest import ws_url
+from gateway.testing.cluster import RedisClusterProcesses
+from tests.conftest import running_gateway, ws_url
 from tests.deploy.conftest import ALL_ON_VALUES, CHART, NAMESPACE, RELEASE, RenderedChart
 from tests.deploy.promql import grouping_labels, metric_names, series_labels
 from tests.workers.conftest import needs_node
@@ -163,7 +168,9 @@ def _names(m: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[str,
     return out
 
 
-async def _start_node(node_worker_dir, redis_url: str, port: int, group: str, *args: str):
+async def _start_node(
+    node_worker_dir, redis_url: str, port: int, group: str, *args: str, **env: str
+) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         "node",
         "worker.js",
@@ -176,6 +183,7 @@ async def _start_node(node_worker_dir, redis_url: str, port: int, group: str, *a
             "MEETSTREAM_WORKER_GROUP": group,
             "MEETSTREAM_WORKER_METRICS_PORT": str(port),
             "MEETSTREAM_WORKER_METRICS_HOST": "127.0.0.1",
+            **env,
         },
     )
 
@@ -290,7 +298,14 @@ async def test_node_worker_serves_probes_before_redis_and_readyz_fails_once_stop
     """With Redis unreachable: 1. /metrics has every series from the first scrape (0), /healthz
     and /readyz answer 200, an unknown path 404; 2. SIGTERM: /readyz answers 503."""
     port = free_port()
-    proc = await _start_node(node_worker_dir, f"redis://127.0.0.1:{free_port()}/0", port, "node-probes")
+    # Cluster mode named, not detected: the worker starts its group at once (and waits for Redis).
+    proc = await _start_node(
+        node_worker_dir,
+        f"redis://127.0.0.1:{free_port()}/0",
+        port,
+        "node-probes",
+        MEETSTREAM_REDIS_CLUSTER="no",
+    )
     try:
         deadline = asyncio.get_running_loop().time() + 20
         while True:
@@ -313,3 +328,94 @@ async def test_node_worker_serves_probes_before_redis_and_readyz_fails_once_stop
         assert await asyncio.to_thread(_status, port, "/healthz") == 200
     finally:
         await _stop(proc)
+
+
+# -- Redis Cluster -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterProcesses]:
+    with RedisClusterProcesses(3) as c:
+        yield c
+
+
+@pytest.mark.cluster
+async def test_node_worker_on_a_redis_cluster(cluster, node_worker_dir):
+    """1. a gateway and the Node worker on a 3-node Redis Cluster (detected: INFO cluster), with
+    a metrics port; 2. six bots whose keys are on all three nodes join: each is greeted (a
+    command through its {cNN} stream); 3. each streams 1 s from two speakers: the counts come
+    back in the chat; 4. they leave: six reports of 20 frames and both speakers, each bot
+    started and stopped in the journal, no Redis error, exit 0."""
+    cluster.flushall()
+    port = free_port()
+    client = RedisCluster.from_url(cluster.url)
+    proc = None
+    try:
+        async with running_gateway(cluster.url) as gw:
+            assert gw.backend.is_cluster
+            await client.initialize()
+            by_node: dict[str, list[str]] = {}  # two bots on each node
+            for i in range(200):
+                bot_id = f"nbot-{i}"
+                on_node = by_node.setdefault(client.get_node_from_key(gw.keyspace.bot(bot_id).audio).name, [])
+                if len(on_node) < 2:
+                    on_node.append(bot_id)
+                if sum(map(len, by_node.values())) == 6:
+                    break
+            names = [b for ids in by_node.values() for b in ids]
+            assert len(by_node) == 3 and len(names) == 6
+            proc = await _start_node(
+                node_worker_dir,
+                cluster.url,
+                port,
+                "node-cluster",
+                "--max-bots",
+                "6",
+                "--report-every-s",
+                "0.3",
+                MEETSTREAM_LEASE_TTL_S="2",
+                MEETSTREAM_LEASE_RENEW_S="0.4",
+                MEETSTREAM_CLAIM_INTERVAL_S="0.2",
+            )
+            assert (await _line(proc, 30))["ready"] is True
+            bots = [SimulatedBot(ws_url(gw), b, record_sent=False) for b in names]
+            for bot in bots:
+                await bot.connect()
+            for bot in bots:  # the greeting (its counts may come first: "0 audio frames")
+                deadline = asyncio.get_running_loop().time() + 15
+                while not any("Node.js" in c["message"] for c in bot.commands("sendmsg")):
+                    assert asyncio.get_running_loop().time() < deadline, f"{bot.bot_id}: {bot.commands()}"
+                    await asyncio.sleep(0.1)
+            for bot in bots:
+                await bot.stream_speech(
+                    [Speaker("s1", "Ada"), Speaker("s2", "Grace", 330)], 1.0, realtime=False
+                )
+            for bot in bots:
+                deadline = asyncio.get_running_loop().time() + 15
+                while not any(
+                    "20 audio frames from 2 speaker" in c.get("text", "") for c in bot.commands("sendchat")
+                ):
+                    assert asyncio.get_running_loop().time() < deadline, f"{bot.bot_id}: {bot.commands()}"
+                    await asyncio.sleep(0.1)
+            m = await asyncio.to_thread(_scrape, port)
+            g = (("group", "node-cluster"),)
+            assert m[("meetstream_worker_bots_owned", g)] == 6
+            assert m[("meetstream_worker_entries_handled_total", (*g, ("stream", "audio")))] == 6 * 20
+            assert m[("meetstream_worker_redis_errors_total", g)] == 0
+            for bot in bots:
+                await bot.close()
+            reports = [await _line(proc, 20) for _ in bots]
+            assert sorted(r["bot_id"] for r in reports) == sorted(names)
+            assert all(r["frames"] == 20 and r["speakers"] == ["Ada", "Grace"] for r in reports)
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
+            journal = await client.xrange(f"{gw.keyspace.prefix}:workers:node-cluster:journal")
+            kinds = Counter(f[b"type"].decode() for _, f in journal)
+            assert kinds["hello"] == 1 and kinds["start"] == 6 and kinds["stop"] == 6 and kinds["bye"] == 1
+            stops = {
+                f[b"bot_id"].decode(): f[b"reason"].decode() for _, f in journal if f[b"type"] == b"stop"
+            }
+            assert stops == dict.fromkeys(names, "session_ended")
+    finally:
+        if proc is not None:
+            await _stop(proc)
+        await client.aclose()

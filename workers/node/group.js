@@ -19,6 +19,7 @@
 "use strict";
 
 const zlib = require("node:zlib");
+const Redis = require("ioredis");
 const prom = require("prom-client");
 
 // Extend or delete the lease only if we still hold it.
@@ -65,6 +66,48 @@ function crc32(text) {
 // The Python SDK's metrics (workers/metrics.py), same names, types, labels and meaning:
 // every series carries `group`; the other labels come from closed sets, never a bot_id.
 // Every series exists from the first scrape (pre-initialised at 0).
+// Open the command client for a redis:// or rediss:// URL: a single Redis, or a Redis
+// Cluster seeded by the URL's node. cluster: "auto" (ask the server: INFO cluster, as the
+// Python SDK and the gateway do), "yes" or "no". Resolves to { redis, isCluster }; blocking
+// reads use its duplicate()s (on a Cluster: routed by key slot, so a bot's two streams,
+// which share its hash tag, are read from the node that serves them).
+async function openRedis(url, { cluster = "auto", onError = () => {}, attempts = 10 } = {}) {
+  if (!["auto", "yes", "no"].includes(cluster)) throw new Error(`cluster must be auto, yes or no, not ${cluster}`);
+  let isCluster = cluster === "yes";
+  // Auto: asked until the server answers (attempts, as the SDK's open_client), and
+  // only then the client opened; yes or no: opened at once, it connects (and queues
+  // commands) in the background.
+  for (let attempt = 1; cluster === "auto"; attempt++) {
+    const probe = new Redis(url, { lazyConnect: true, retryStrategy: () => null, connectTimeout: 5000 });
+    probe.on("error", () => {});
+    try {
+      await probe.connect();
+      isCluster = /cluster_enabled:1/.test(await probe.info("cluster"));
+      break;
+    } catch (e) {
+      if (attempt >= attempts) throw e;
+      onError(e);
+      await sleep(Math.min(500 * attempt, 5000));
+    } finally {
+      probe.disconnect();
+    }
+  }
+  let redis;
+  if (isCluster) {
+    const u = new URL(url);
+    const redisOptions = {};
+    if (u.username) redisOptions.username = decodeURIComponent(u.username);
+    if (u.password) redisOptions.password = decodeURIComponent(u.password);
+    if (u.protocol === "rediss:") redisOptions.tls = {};
+    redis = new Redis.Cluster([{ host: u.hostname, port: Number(u.port || 6379) }], {
+      redisOptions,
+      enableAutoPipelining: true, // commands of a batch() go to each node together
+    });
+  } else redis = new Redis(url);
+  redis.on("error", onError);
+  return { redis, isCluster };
+}
+
 class WorkerMetrics {
   constructor(group, registry = new prom.Registry()) {
     this.registry = registry;
@@ -169,7 +212,8 @@ class Bot {
 
 class WorkerGroup {
   constructor(opts) {
-    this.redis = opts.redis; // an ioredis client (commands); blocking reads use duplicates
+    this.redis = opts.redis; // an ioredis client or Cluster (commands); blocking reads use duplicates
+    this.isCluster = Boolean(this.redis.isCluster);
     this.prefix = opts.prefix || "meetstream";
     this.group = opts.group;
     this.instance = opts.instance;
@@ -207,6 +251,29 @@ class WorkerGroup {
     this.stopping = false;
     this._wake = null;
     this._loops = [];
+  }
+
+  // Commands that may touch keys of many slots, sent together: one pipeline on a single
+  // Redis; in a cluster each on its own (auto-pipelined per node by the Cluster client).
+  // Resolves to [[error, reply], ...] in order, as a pipeline's exec().
+  async batch(commands) {
+    if (!commands.length) return [];
+    if (!this.isCluster) return this.redis.pipeline(commands).exec();
+    return Promise.all(
+      commands.map(([name, ...args]) =>
+        this.redis[name](...args).then(
+          (reply) => [null, reply],
+          (err) => [err, null],
+        ),
+      ),
+    );
+  }
+
+  // A connection of its own for blocking reads (XREAD, XREADGROUP ... BLOCK): on a single
+  // Redis one more connection; on a Cluster one more Cluster client, whose commands go to
+  // the node serving their key's slot (and follow MOVED when a slot moves), unbatched.
+  dedicated() {
+    return this.isCluster ? this.redis.duplicate([], { enableAutoPipelining: false }) : this.redis.duplicate();
   }
 
   leaseKey(botId) {
@@ -256,7 +323,7 @@ class WorkerGroup {
   // -- discovery: every instance reads the whole lifecycle stream -------------------
 
   async _discoveryLoop() {
-    const conn = this.redis.duplicate();
+    const conn = this.dedicated();
     let last = null;
     try {
       while (!this.stopping) {
@@ -343,9 +410,7 @@ class WorkerGroup {
     const held = new Map([[this.instance, this.runners.size]]);
     const free = new Map(); // bot -> seconds seen free
     if (candidates.length) {
-      const pipe = this.redis.pipeline();
-      for (const b of candidates) pipe.get(this.leaseKey(b));
-      const replies = await pipe.exec();
+      const replies = await this.batch(candidates.map((b) => ["get", this.leaseKey(b)]));
       candidates.forEach((b, i) => {
         const [err, holder] = replies[i];
         if (err) throw err;
@@ -388,9 +453,8 @@ class WorkerGroup {
       const freshBatch = fresh.splice(0, Math.max(0, freshLeft));
       if (!batch.length && !freshBatch.length) return;
       const sent = now();
-      const pipe = this.redis.pipeline();
-      for (const b of [...batch, ...freshBatch]) pipe.set(this.leaseKey(b), this.instance, "PX", Math.round(this.leaseTtlS * 1000), "NX");
-      const replies = await pipe.exec();
+      const ttlMs = Math.round(this.leaseTtlS * 1000);
+      const replies = await this.batch([...batch, ...freshBatch].map((b) => ["set", this.leaseKey(b), this.instance, "PX", ttlMs, "NX"]));
       const gone = await this._leftMeanwhile([...batch, ...freshBatch].filter((b, i) => replies[i][1] === "OK"));
       [...batch, ...freshBatch].forEach((b, i) => {
         const got = replies[i][1] === "OK" && !gone.has(b);
@@ -407,16 +471,12 @@ class WorkerGroup {
   async _leftMeanwhile(won) {
     const gone = new Set();
     if (!won.length) return gone;
-    const pipe = this.redis.pipeline();
-    for (const b of won) pipe.hexists(this.keys.registry, b);
-    const known = await pipe.exec();
+    const known = await this.batch(won.map((b) => ["hexists", this.keys.registry, b]));
     won.forEach((b, i) => {
       if (!known[i][1]) gone.add(b);
     });
     if (gone.size) {
-      const rel = this.redis.pipeline();
-      for (const b of gone) rel.eval(RELEASE, 1, this.leaseKey(b), this.instance);
-      await rel.exec();
+      await this.batch([...gone].map((b) => ["eval", RELEASE, 1, this.leaseKey(b), this.instance]));
       this.log("bots left while being claimed; leases released", { bots: [...gone] });
     }
     return gone;
@@ -446,18 +506,25 @@ class WorkerGroup {
       const sent = now();
       let replies;
       try {
-        const pipe = this.redis.pipeline();
-        for (const r of runners) {
-          pipe.eval(RENEW, 1, this.leaseKey(r.bot.id), this.instance, Math.round(this.leaseTtlS * 1000));
-          pipe.exists(r.eventsKey);
-        }
-        replies = await pipe.exec();
+        const ttlMs = Math.round(this.leaseTtlS * 1000);
+        replies = await this.batch(
+          runners.flatMap((r) => [
+            ["eval", RENEW, 1, this.leaseKey(r.bot.id), this.instance, ttlMs],
+            ["exists", r.eventsKey],
+          ]),
+        );
       } catch (e) {
         this.metrics.redisErrors.inc();
         this.log("lease renewal failed", { error: String(e) }); // runners stop when their validity runs out
         continue;
       }
       runners.forEach((r, i) => {
+        if (replies[2 * i][0] || replies[2 * i + 1][0]) {
+          // Not an answer (a node unreachable, a slot moving): the lease's validity runs out
+          // unless a later renewal gets through.
+          this.metrics.redisErrors.inc();
+          return;
+        }
         const renewed = replies[2 * i][1];
         const exists = replies[2 * i + 1][1];
         if (!renewed) {
@@ -597,7 +664,7 @@ class Runner {
 
   async run() {
     const g = this.g;
-    const conn = g.redis.duplicate();
+    const conn = g.dedicated();
     let reason = "released";
     try {
       await g.journal("start", { bot_id: this.bot.id }); // before anything of the bot is handled
@@ -750,12 +817,16 @@ class Runner {
     }
     for (const [key, ids] of done) if (ids.length) g.metrics.entries[key === this.eventsKey ? "events" : "audio"].inc(ids.length);
     if (![...done.values()].some((v) => v.length)) return;
-    const pipe = g.redis.pipeline();
     // Records before acknowledgements: an entry may be recorded twice, never acked unrecorded.
-    for (const flat of this.records) pipe.xadd(g.keys.journal, "MAXLEN", "~", JOURNAL_MAXLEN, "*", ...flat);
+    const records = this.records.map((flat) => ["xadd", g.keys.journal, "MAXLEN", "~", JOURNAL_MAXLEN, "*", ...flat]);
     this.records = [];
-    for (const [key, ids] of done) if (ids.length) pipe.xack(key, g.group, ...ids);
-    await pipe.exec();
+    const acks = [...done].filter(([, ids]) => ids.length).map(([key, ids]) => ["xack", key, g.group, ...ids]);
+    // One pipeline on a single Redis; in a cluster the journal may live on another node
+    // than the bot's streams: the records first, then the acknowledgements.
+    const steps = g.isCluster ? [records, acks] : [[...records, ...acks]];
+    for (const step of steps) {
+      for (const [err] of await g.batch(step)) if (err) throw err;
+    }
   }
 
   async _event(id, f) {
@@ -822,4 +893,4 @@ class Runner {
   }
 }
 
-module.exports = { WorkerGroup, WorkerMetrics, Bot, RENEW, RELEASE, HEARTBEAT, STOP_REASONS };
+module.exports = { WorkerGroup, WorkerMetrics, openRedis, Bot, RENEW, RELEASE, HEARTBEAT, STOP_REASONS };

@@ -15,7 +15,8 @@
 // MEETSTREAM_WORKER_GROUP (default node-greeter), MEETSTREAM_WORKER_INSTANCE
 // (default host-pid), MEETSTREAM_LEASE_TTL_S (5), MEETSTREAM_LEASE_RENEW_S
 // (a fifth of the TTL), MEETSTREAM_CLAIM_INTERVAL_S (0.5), MEETSTREAM_CONFORMANCE
-// (1: the conformance kit's records and pongs, docs/WORKERS.md), MEETSTREAM_BOT_NAME
+// (1: the conformance kit's records and pongs, docs/WORKERS.md), MEETSTREAM_REDIS_CLUSTER
+// (auto: a Cluster when the URL's server says cluster_enabled; yes; no), MEETSTREAM_BOT_NAME
 // (its own voice is left out of onAudio), MEETSTREAM_WORKER_METRICS_PORT (0 or unset: no
 // server) and MEETSTREAM_WORKER_METRICS_HOST (0.0.0.0): /metrics (the SDK's
 // meetstream_worker_* series), /healthz (200 while the event loop answers) and /readyz
@@ -24,9 +25,8 @@
 
 const http = require("node:http");
 const os = require("node:os");
-const Redis = require("ioredis");
 const { encode } = require("@msgpack/msgpack");
-const { WorkerGroup } = require("./group");
+const { WorkerGroup, WorkerMetrics, openRedis } = require("./group");
 
 function parseArgs(argv) {
   const opts = { maxBots: 0, reportEveryS: 5, greeting: "Hello from a Node.js worker!", lagSampleS: 5, readCount: 64, audioDelayMs: 0 };
@@ -54,8 +54,9 @@ function log(msg, extra = {}) {
   process.stderr.write(JSON.stringify({ ts: Date.now() / 1000, msg, instance, ...extra }) + "\n");
 }
 
-const redis = new Redis(env.MEETSTREAM_REDIS_URL || "redis://127.0.0.1:6379/0");
-redis.on("error", (e) => log("redis error", { error: String(e) }));
+let redis = null; // opened in main(): a single Redis or a Cluster (MEETSTREAM_REDIS_CLUSTER)
+let workerGroup = null;
+const metrics = new WorkerMetrics(group); // served before Redis is reached
 let reported = 0;
 
 async function postCounts(bot) {
@@ -66,8 +67,8 @@ async function postCounts(bot) {
   s.postedFrames = s.frames;
 }
 
-const workerGroup = new WorkerGroup({
-  redis,
+const groupOptions = {
+  metrics,
   prefix: env.MEETSTREAM_KEY_PREFIX || "meetstream",
   group,
   instance,
@@ -104,10 +105,10 @@ const workerGroup = new WorkerGroup({
       if (opts.maxBots && reported >= opts.maxBots) setImmediate(stop);
     },
   },
-});
+};
 
 const timer = setInterval(() => {
-  for (const runner of workerGroup.runners.values()) {
+  for (const runner of workerGroup ? workerGroup.runners.values() : []) {
     const bot = runner.bot;
     if (bot.ready && bot.state.frames !== bot.state.postedFrames) {
       postCounts(bot).catch((e) => log("post failed", { bot_id: bot.id, error: String(e) }));
@@ -119,11 +120,11 @@ let stopping = null;
 function stop() {
   if (stopping) return stopping;
   clearInterval(timer);
-  stopping = workerGroup
-    .stop()
+  // Before the group started there is nothing to hand back.
+  stopping = (workerGroup ? workerGroup.stop() : Promise.resolve())
     .catch((e) => log("stop failed", { error: String(e) }))
     .finally(() => {
-      redis.disconnect();
+      if (redis) redis.disconnect();
       if (server) server.close();
       process.exit(0);
     });
@@ -135,7 +136,7 @@ function stop() {
 // blocked for good fails it.
 let server = null;
 function serveMetrics(port, host) {
-  const registry = workerGroup.metrics.registry;
+  const registry = metrics.registry;
   server = http.createServer((req, res) => {
     const path = (req.url || "").split("?", 1)[0];
     if (req.method !== "GET" && req.method !== "HEAD") {
@@ -167,6 +168,14 @@ async function main() {
   const port = num("MEETSTREAM_WORKER_METRICS_PORT", 0);
   const metricsPort = port ? await serveMetrics(port, env.MEETSTREAM_WORKER_METRICS_HOST || "0.0.0.0") : null;
   if (metricsPort) log("metrics served", { port: metricsPort });
+  const opened = await openRedis(env.MEETSTREAM_REDIS_URL || "redis://127.0.0.1:6379/0", {
+    cluster: (env.MEETSTREAM_REDIS_CLUSTER || "auto").toLowerCase(),
+    onError: (e) => log("redis error", { error: String(e) }),
+  });
+  redis = opened.redis;
+  log("redis connected", { cluster: opened.isCluster });
+  if (stopping) return; // SIGTERM while connecting
+  workerGroup = new WorkerGroup({ ...groupOptions, redis });
   await workerGroup.start();
   process.stdout.write(JSON.stringify({ ready: true, group, consumer: instance, metrics_port: metricsPort }) + "\n");
 }
