@@ -165,7 +165,7 @@ async def test_meeting_audio_reaches_the_pipeline_resampled_without_seams_and_at
     assert all(f.metadata["speaker_name"] == "Ada" for f in audio)
     got = np.concatenate([np.frombuffer(f.audio, "<i2") for f in audio]).astype(np.float32) / 32767
     pcm16 = (signal * 32767).astype("<i2").astype(np.float32) / 32767
-    want = soxr.resample(pcm16, RATE_IN, 16_000, quality="HQ")
+    want = soxr.resample(pcm16, RATE_IN, 16_000, quality="LQ")
     n = min(len(got), len(want)) - 200  # the streaming resampler holds its last few ms
     assert n > 15_000
     assert np.max(np.abs(got[:n] - want[:n])) < 3 / 32767, "chunked conversion must equal one-shot"

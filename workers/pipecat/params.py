@@ -32,11 +32,17 @@ class MeetstreamParams(TransportParams):
             (``NoSpeaker``); off by default, since it may hold the bot's own voice.
         silence_fill: keep the pipeline's input a continuous real-time stream
             (as WebRTC transports do) by adding silence while nobody talks, so
-            VAD and STT see speech end. Not in ``per_speaker`` mode.
+            VAD and STT see speech end. Not in ``per_speaker`` mode, and not
+            while the worker is behind (frames arriving late), when the quiet is ours.
         silence_fill_after_ms: silence is added once no audio came for this long.
         audio_in_max_queued_s: audio handed to the pipeline and not yet taken
             by it; past this the SDK's reading of the bot waits (backpressure,
             counted), so Redis, not memory, holds the backlog.
+        audio_in_resample_quality: soxr's quality for 48 kHz -> the pipeline's rate.
+            ``LQ`` (default) passes every 20 ms frame on at once, with images
+            110 dB down and the top octave (7-8 kHz at 16 kHz) rolled off;
+            ``MQ``/``HQ`` are flat to the top but hold output back in blocks of
+            about a frame (10 ms more latency on average).
         audio_out_entry_ms: output audio is written in ``sendaudio`` entries of
             at least this much (the first of an utterance at once), and
         audio_out_max_wait_ms: no sample waits longer than this to be written.
@@ -74,7 +80,8 @@ class MeetstreamParams(TransportParams):
     include_unattributed: bool = False
     silence_fill: bool = True
     silence_fill_after_ms: int = Field(default=100, ge=20, le=5000)
-    audio_in_max_queued_s: float = Field(default=2.0, gt=0)
+    audio_in_max_queued_s: float = Field(default=0.5, gt=0)
+    audio_in_resample_quality: Literal["LQ", "MQ", "HQ", "VHQ"] = "LQ"
 
     audio_out_entry_ms: int = Field(default=100, ge=10, le=2000)
     audio_out_max_wait_ms: int = Field(default=40, ge=0, le=2000)

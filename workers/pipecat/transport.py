@@ -38,6 +38,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import soxr
 from loguru import logger
 from pipecat.frames.frames import (
     BotSpeakingFrame,
@@ -70,7 +71,7 @@ from pipecat.transports.base_input import BaseInputTransport
 from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import BaseTransport
 
-from workers import NO_SPEAKER, AudioFrame, Bot, Event, LeaseLost, Resampler, resample
+from workers import NO_SPEAKER, AudioFrame, Bot, Event, LeaseLost, resample
 from workers.pipecat.params import GATEWAY_RATES, MeetstreamParams
 from workers.pipecat.playback import PlaybackTracker
 from workers.pipecat.speakers import RATE, Block, SpeakerMixer
@@ -221,11 +222,12 @@ class MeetstreamInputTransport(BaseInputTransport):
             switch_db=params.active_switch_db,
             hold_ms=params.active_hold_ms,
         )
-        self._resamplers: dict[str | None, Resampler] = {}
+        self._resamplers: dict[str | None, soxr.ResampleStream] = {}
         self._running = False
         self._last_push = 0.0
         self._fill_task: asyncio.Task[None] | None = None
         self._in_flight = 0  # audio frames handed to the base queue and not yet pushed on
+        self._last_lag_s = 0.0
         self._drained = asyncio.Event()
         self._max_in_flight = 1
 
@@ -288,6 +290,8 @@ class MeetstreamInputTransport(BaseInputTransport):
         dropped = self._mixer.dropped_samples
         blocks = self._mixer.push(frame.speaker_id, frame.speaker_name or NO_SPEAKER, samples)
         stats.dropped_inactive_samples += self._mixer.dropped_samples - dropped
+        # How late the bot's frames reach us: silence is filled in only while we keep up.
+        self._last_lag_s = max(0.0, time.time() - frame.ts_ms / 1000) if frame.ts_ms else 0.0
         meta = {"meetstream_seq": frame.seq, "meetstream_conn": frame.conn, "meetstream_ts_ms": frame.ts_ms}
         for block in blocks:
             await self._push_block(block, meta)
@@ -295,8 +299,11 @@ class MeetstreamInputTransport(BaseInputTransport):
     async def _push_block(self, block: Block, meta: dict[str, Any] | None = None) -> None:
         resampler = self._resamplers.get(block.source)
         if resampler is None:
-            resampler = self._resamplers[block.source] = Resampler(RATE, self.sample_rate)
-        out = resampler.process(block.samples)
+            # One stream per output stream: the filter state carries across frames (no seams).
+            resampler = self._resamplers[block.source] = soxr.ResampleStream(
+                RATE, self.sample_rate, 1, dtype="float32", quality=self._params.audio_in_resample_quality
+            )
+        out = resampler.resample_chunk(block.samples)
         if not len(out):
             return  # the resampler's filter is still filling: its samples come with the next block
         pcm = (np.clip(out, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
@@ -338,6 +345,12 @@ class MeetstreamInputTransport(BaseInputTransport):
             wait = self._last_push + after_s - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
+                continue
+            if self._last_lag_s > after_s or self._in_flight > 2:
+                # Behind (the bot's frames are late, or the pipeline has not taken what it
+                # has): the quiet is ours, not the meeting's. Filling it would put silence
+                # between frames that are merely delayed, and add work when short of CPU.
+                self._last_push = time.monotonic()
                 continue
             for block in self._mixer.flush():  # a mix held back for a speaker who went quiet
                 await self._push_block(block)
