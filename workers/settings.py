@@ -19,6 +19,7 @@ from workers.constants import DEFAULT_GROUP, DEFAULT_PREFIX, check_group
 #: Settings ``from_env`` reads, by field name.
 ENV_SETTINGS = {
     "redis_url": "MEETSTREAM_REDIS_URL",
+    "redis_cluster": "MEETSTREAM_REDIS_CLUSTER",  # the gateway's name: one value for both
     "key_prefix": "MEETSTREAM_KEY_PREFIX",
     "group": "MEETSTREAM_WORKER_GROUP",
     "bot_name": "MEETSTREAM_BOT_NAME",

@@ -102,8 +102,10 @@ def test_settings_from_the_environment():
             "MEETSTREAM_CLAIM_INTERVAL_S": "0.25",
             "MEETSTREAM_WORKER_METRICS_PORT": "9109",
             "MEETSTREAM_CONFORMANCE": "1",
+            "MEETSTREAM_REDIS_CLUSTER": "yes",
         }
     )
+    assert s.redis_cluster == "yes"  # the gateway's variable: one deployment setting for both
     assert (s.group, s.instance_id, s.lease_ttl_s, s.lease_renew_s) == ("g1", "w-7", 2.0, 0.4)
     assert (s.claim_interval_s, s.metrics_port, s.conformance) == (0.25, 9109, True)
     # A flag (override) wins; a long lease keeps the default renewal.
