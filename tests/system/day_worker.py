@@ -9,8 +9,8 @@ Uses only the public SDK (``workers``), as a customer's worker would:
 * records every frame (bot, conn, seq and the bot's own frame index, hidden in the PCM);
 * answers every chat question (``sendmsg ans:ID``) and speaks an utterance (``sendaudio``,
   each 100 ms chunk tagged with the utterance's number);
-* runs a voice detector per speaker: when someone starts talking while the bot is
-  playing, it interrupts and says so (``interrupt``, then ``sendmsg barge:…``).
+* runs a voice detector per speaker while the bot is playing: when someone starts
+  talking over it, it interrupts and says so (``interrupt``, then ``sendmsg barge:…``).
 
 Each line of ``DIR/INSTANCE.log`` is written through to the OS before the
 handler returns, so before the entry is acknowledged: a ``kill -9`` loses
@@ -112,9 +112,14 @@ def build(worker: Worker, log: DayLog, utterance_s: float) -> None:
             _entry_ms(frame.entry_id),
         )
         detectors: dict[str, VoiceDetector] = bot.state.setdefault("vad", {})
+        if not bot.is_playing:
+            # Barge-in is speech over the bot's own: listen only while it speaks, from a fresh
+            # detector each time (most frames are heard while it is silent: no FFT for them).
+            detectors.clear()
+            return
         vad = detectors.setdefault(frame.speaker_id or frame.speaker_name, VoiceDetector())
         samples = np.frombuffer(frame.pcm, "<i2")
-        if vad.update(samples, frame.sample_rate) and bot.is_playing:
+        if vad.update(samples, frame.sample_rate):
             await send(bot, "int", "", cmd.interrupt())
             tag = f"{rng.getrandbits(32):08x}"
             await send(bot, "barge", tag, cmd.sendmsg(f"barge:{tag}"))
