@@ -85,6 +85,7 @@ class Auditor:
         self._client: RedisCluster | None = None
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self._reading = asyncio.Lock()  # see read_once
 
     async def _connect(self) -> RedisCluster:
         if self._client is None:
@@ -119,7 +120,16 @@ class Auditor:
                 )
 
     async def read_once(self, only: Iterable[str] | None = None) -> int:
-        """One round over the active bots; returns entries read (0 after an error)."""
+        """One round over the active bots; returns entries read (0 after an error).
+
+        One round at a time: two reading from the same last ids (the poll loop and the
+        driver's catch-up) both appended what they read, and the ledger saw every such
+        frame "stored twice".
+        """
+        async with self._reading:
+            return await self._read_once(only)
+
+    async def _read_once(self, only: Iterable[str] | None) -> int:
         streams = [self.bots[b] for b in only] if only is not None else list(self.bots.values())
         streams = [s for s in streams if self.active(s.bot_id)]
         if not streams:
