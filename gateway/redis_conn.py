@@ -113,6 +113,41 @@ async def _detect_cluster(url: str) -> bool:
         await probe.aclose()
 
 
+def gate(client: Any, limit: int) -> asyncio.Semaphore:
+    """Let at most ``limit`` commands or pipelines use a Cluster client at once; the rest wait.
+
+    redis-py's Cluster client fails at once past a node's pool (``MaxConnectionsError``)
+    where the standalone one waits (``BlockingConnectionPool``): a worker that took many
+    bots at once gave them all away again on that error (200 bots in the day moved
+    thousands of times), and a gateway's wake-ups failed during a drain. Every command
+    goes through ``execute_command`` and every pipeline through its ``execute``; a
+    Cluster pipeline holds at most one connection per node, so no pool is exceeded.
+    """
+    slots = asyncio.Semaphore(limit)
+    execute_command = client.execute_command
+    make_pipeline = client.pipeline
+
+    async def gated_command(*args: Any, **kwargs: Any) -> Any:
+        async with slots:
+            return await execute_command(*args, **kwargs)
+
+    def gated_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = make_pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        async def gated_execute(*a: Any, **k: Any) -> Any:
+            async with slots:
+                return await execute(*a, **k)
+
+        pipe.execute = gated_execute
+        return pipe
+
+    client.execute_command = gated_command
+    client.pipeline = gated_pipeline
+    client.slots_gate = slots
+    return slots
+
+
 async def _open_once(
     url: str, cluster: str, max_connections: int, socket_timeout_s: float
 ) -> tuple[Any, bool]:
@@ -126,6 +161,7 @@ async def _open_once(
     if is_cluster:
         client: Any = RedisCluster.from_url(url, **common)
         await client.initialize()
+        gate(client, max_connections)
     else:
         # A burst of bots arriving at once must wait for a pooled connection, not fail.
         pool = aioredis.BlockingConnectionPool.from_url(url, timeout=POOL_WAIT_S, **common)

@@ -143,3 +143,37 @@ async def test_a_slot_moved_mid_stream_loses_no_audio(cluster):
             await bot.close()
     finally:
         await client.aclose()
+
+
+async def test_a_burst_past_a_nodes_pool_waits_instead_of_failing(cluster):
+    """A takeover of many bots at once: 200 commands and 200 pipelines at once on pools of 2
+    a node. redis-py's Cluster client fails past its pool where the standalone one waits;
+    ungated, the worker SDK gave every bot that failed away again."""
+    from redis.exceptions import MaxConnectionsError
+
+    from gateway.redis_conn import open_client
+
+    async def burst(client) -> None:
+        async def one(i: int) -> None:
+            await client.xadd(f"burst:{{{i % 7}}}", {"i": i})
+            pipe = client.pipeline(transaction=False)
+            pipe.xlen(f"burst:{{{i % 7}}}")
+            pipe.get(f"k{i}")
+            await pipe.execute()
+
+        await asyncio.gather(*(one(i) for i in range(200)))
+
+    raw = RedisCluster.from_url(cluster.url, max_connections=2)
+    try:
+        with pytest.raises(MaxConnectionsError):
+            await burst(raw)
+    finally:
+        await raw.aclose()
+    gated, is_cluster = await open_client(cluster.url, "yes", max_connections=2, socket_timeout_s=5)
+    try:
+        assert is_cluster
+        await burst(gated)
+        assert sum([await gated.xlen(f"burst:{{{k}}}") for k in range(7)]) >= 200
+        assert not gated.slots_gate.locked()  # every slot given back
+    finally:
+        await gated.aclose()
