@@ -427,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=3.0)
     p.add_argument("--seconds", type=float, help="the day's length in seconds (instead of --minutes)")
     p.add_argument("--workers", type=int, default=3)
+    p.add_argument(
+        "--lease-ttl-s",
+        type=float,
+        default=5.0,
+        help="the workers' lease TTL (the SDK's default, 5 s; the reduced size in CI uses 2 s)",
+    )
     p.add_argument("--bot-procs", type=int, default=2, help="processes the bots are spread over")
     p.add_argument("--seed", type=int, default=16)
     p.add_argument(
@@ -458,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=ns.seed,
         workers=ns.workers,
         bot_procs=ns.bot_procs,
+        lease_ttl_s=ns.lease_ttl_s,
     ).build()
     started = time.monotonic()
     ledger = asyncio.run(run_day(plan, run_dir, ns.overload_lag_s, ns.cluster_full_coverage == "yes"))

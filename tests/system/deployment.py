@@ -363,7 +363,7 @@ class Deployment:
                 "--group",
                 GROUP,
                 "--lease-ttl-s",
-                "2",
+                str(self.plan.lease_ttl_s),
                 "--utterance-s",
                 str(self.plan.utterance_s),
                 "--log-format",

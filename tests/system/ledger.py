@@ -52,11 +52,11 @@ REPLICATION_LAG_S = 1.0
 COALESCE_S = 5.0
 #: A frame's handling by a worker may lag this much outside fault windows.
 HANDLING_LAG_OK_S = 2.0
-#: Worker takeover: lease TTL (2 s) + claim interval (0.5 s) + a read block (1 s) + margin.
-TAKEOVER_BOUND_S = 5.0
+#: Worker takeover beyond the lease TTL: claim interval (0.5 s) + a read block (1 s) + margin.
+TAKEOVER_OVER_TTL_S = 3.0
 #: How long after a fault's start its effects may last and still be explained by it.
 FAULT_BOUND_S = {
-    "worker_kill": 8.0,
+    "worker_kill": 8.0,  # at least; with the plan's lease TTL: TTL + 6 s (Ledger.fault_bound)
     "worker_join": 5.0,
     "gateway_kill": 8.0,
     "redis_primary_kill": 15.0,
@@ -79,9 +79,12 @@ HEAL_BOUNDS_S: dict[tuple[str, ...], float] = {
     ("redis_rejoin", "rejoined_as_replica_s"): 15.0,
     ("rolling_restart", "audio_socket_gap_s", "max"): 3.0,
     ("burst_join", "join_to_first_frame_stored_s", "max"): 5.0,
-    ("worker_kill", "handled_by_another_after_s", "max"): TAKEOVER_BOUND_S,
-    ("worker_sigterm", "handled_by_another_after_s", "max"): TAKEOVER_BOUND_S,
 }
+#: Bounds that follow the plan's lease TTL: ``TAKEOVER_OVER_TTL_S`` past it.
+TAKEOVER_BOUNDS: tuple[tuple[str, ...], ...] = (
+    ("worker_kill", "handled_by_another_after_s", "max"),
+    ("worker_sigterm", "handled_by_another_after_s", "max"),
+)
 AUDIO_DROP_REASONS = ("buffer_full", "redis_error", "rate_limited", "overload", "bot_budget", "too_large")
 
 
@@ -160,6 +163,13 @@ class Ledger:
 
     # -- helpers -------------------------------------------------------------------
 
+    def fault_bound(self, name: str) -> float:
+        """How long after a fault its effects may last; a worker's death lasts its leases."""
+        bound = FAULT_BOUND_S.get(name, 8.0)
+        if name in ("worker_kill", "worker_sigterm"):
+            bound = max(bound, self.d.plan.lease_ttl_s + 6.0)
+        return bound
+
     def rel(self, t: float) -> float:
         return round(t - self.d.t0, 3)
 
@@ -173,7 +183,7 @@ class Ledger:
             if names and f["name"] not in names:
                 continue
             start = f["at"]
-            end = max(f.get("done") or start, start) + FAULT_BOUND_S.get(f["name"], 8.0)
+            end = max(f.get("done") or start, start) + self.fault_bound(f["name"])
             if start - 0.5 <= t <= end:
                 found = str(f["name"])
         return found
@@ -1140,8 +1150,11 @@ class Ledger:
         self._check_heal_bounds(heal)
 
     def _check_heal_bounds(self, heal: dict[str, Any]) -> None:
-        """Each fault must heal within what its design promises (HEAL_BOUNDS_S)."""
-        for (fault, *path), bound in HEAL_BOUNDS_S.items():
+        """Each fault must heal within what its design promises (HEAL_BOUNDS_S; takeovers:
+        the plan's lease TTL plus TAKEOVER_OVER_TTL_S)."""
+        takeover_s = self.d.plan.lease_ttl_s + TAKEOVER_OVER_TTL_S
+        bounds = {**HEAL_BOUNDS_S, **dict.fromkeys(TAKEOVER_BOUNDS, takeover_s)}
+        for (fault, *path), bound in bounds.items():
             value: Any = heal.get(fault)
             for part in path:
                 value = value.get(part) if isinstance(value, dict) else None

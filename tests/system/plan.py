@@ -59,6 +59,9 @@ class DayPlan:
     utterance_s: float = 0.8
     #: Every n-th answer a second person barges in while the agent speaks.
     barge_every: int = 2
+    #: The workers' lease TTL: short for quick takeovers at the reduced size; the SDK's
+    #: default (5 s) at full size, where a loaded 2-core box delays a renewal past 2 s.
+    lease_ttl_s: float = 2.0
     #: Bots that join all at once during the rolling restart, as a share of ``bots``.
     burst_share: float = 0.25
     #: Share of the bots whose meeting ends mid-day, replaced by a new bot soon after.
