@@ -39,6 +39,8 @@ from workers.stats import WorkerStats
 log = logging.getLogger("workers.worker")  # the name the SDK's lines had before the split
 
 _START_EVENTS = (b"connected", b"ready", b"audio_handshake")
+#: Events read back when a bot is taken, to know its state (ready, playing...) now.
+RESTORE_LOOKBACK = 200
 
 
 def _pack(*args: str | int) -> bytes:
@@ -175,9 +177,11 @@ class BotRunner:
             assert conn is not None  # a single-connection client has it once initialized
             # Before anything of the bot is handled: the journal shows who handled it when.
             await ctx.journal.write("start", bot_id=self.bot.bot_id)
+            await self._ensure_groups(client)
+            # Start handlers see the bot as it is now (ready, taken over), not as new.
+            await self._restore(client)
             for fn in ctx.handlers.start:
                 await ctx.handlers.call(fn, self.bot)
-            await self._ensure_groups(client)
             if self.events_key not in self._groups:
                 self.stop_reason = "expired"  # its keys are gone: the bot left long ago
             if self.stop_reason is None:
@@ -402,18 +406,33 @@ class BotRunner:
             return ms, 1, seq
         return ms, 0 if raw.get(b"type") in _START_EVENTS else 2, seq
 
-    async def _dispatch_event(self, entry_id: str, raw: Mapping[bytes, bytes]) -> None:
-        ctx, bot = self.ctx, self.bot
-        f = {text(k): text(v) for k, v in raw.items()}
-        event = Event(f.get("type", ""), bot.bot_id, f, entry_id)
-        self._last_event_id = entry_id
-        self._last_event_ms = id_key(entry_id)[0]
-        ctx.stats.events += 1
-        t = event.type
+    async def _restore(self, client: Any) -> None:
+        """Set the bot's state from the tail of its events stream, handlers untouched.
+
+        A new owner reads on from where the group left off: without this it would never
+        see a ``ready`` (or the bot's name, or a playback) an earlier owner handled, and
+        a bot whose ``session_ended`` was handled by an owner that died before letting
+        it go would be waited on for good. Entries the group has not handled yet come
+        again through the handlers as usual; their state is the same.
+        """
+        if self.events_key not in self._groups:
+            return
+        tail = await client.xrevrange(self.events_key, count=RESTORE_LOOKBACK)
+        for entry_id, raw in reversed(tail):
+            f = {text(k): text(v) for k, v in raw.items()}
+            self._note(Event(f.get("type", ""), self.bot.bot_id, f, text(entry_id)))
+        if tail:
+            # What "newer than handled" is measured from when the bot is let go (_forget):
+            # a bot whose meeting ended before we took it has not come back.
+            self._last_event_id = text(tail[0][0])
+
+    def _note(self, event: Event) -> bool:
+        """What a lifecycle event says about the bot; False for a stale one (to be ignored)."""
+        bot, f, t = self.bot, event.fields, event.type
         if t in ("disconnected", "session_ended") and is_stale(f, self._gateway):
             # From a gateway the bot has already left for another (a drain, a reconnect):
             # the bot goes on there. Its handlers are not told the meeting ended.
-            return
+            return False
         if t == "connected":
             bot.connected = True
             self._ended = False
@@ -423,7 +442,7 @@ class BotRunner:
             bot.ready = True
             data = event.data or {}
             for name_field in ("bot_name", "display_name", "name"):
-                if isinstance(data.get(name_field), str) and not ctx.settings.bot_name:
+                if isinstance(data.get(name_field), str) and not self.ctx.settings.bot_name:
                     bot.name = data[name_field]
                     break
         elif t == "disconnected" and f.get("channel") == "control":
@@ -433,7 +452,19 @@ class BotRunner:
             self._ended = True
         elif t in PLAYBACK_EVENTS:
             bot.note_playback(event)
-        elif t == "message" and ctx.settings.conformance:
+        return True
+
+    async def _dispatch_event(self, entry_id: str, raw: Mapping[bytes, bytes]) -> None:
+        ctx, bot = self.ctx, self.bot
+        f = {text(k): text(v) for k, v in raw.items()}
+        event = Event(f.get("type", ""), bot.bot_id, f, entry_id)
+        self._last_event_id = entry_id
+        self._last_event_ms = id_key(entry_id)[0]
+        ctx.stats.events += 1
+        t = event.type
+        if not self._note(event):
+            return
+        if t == "message" and ctx.settings.conformance:
             await self._answer_ping(event)
         for fn in ctx.handlers.for_event(t):
             await ctx.handlers.call(fn, bot, event)

@@ -258,3 +258,57 @@ async def test_a_bot_that_left_while_being_claimed_is_released_not_handled(
     starts = [r["instance"] for r in journal if r["type"] == "start" and r["bot_id"] == "leaver"]
     assert starts == [a.instance_id], "b started a bot whose meeting was over"
     assert not await redis_client.exists("meetstream:{leaver}:lease:test")
+
+
+async def test_a_new_owner_sees_the_bot_as_it_is_ready_and_taken_over(gateway, worker_settings):
+    """1. a bot is ready before the group starts: a's on_bot_start already sees it ready;
+    2. a stops (hands it back); 3. b's on_bot_start sees it ready and taken over, though
+    the ready was a's to handle (a Pipecat runner starts its pipeline right there)."""
+    bot = await SimulatedBot(ws_url(gateway), "handed").connect()
+    seen: list[tuple[str, bool, bool]] = []
+
+    def build() -> Worker:
+        w = Worker(worker_settings(), handle_signals=False)
+
+        @w.on_bot_start
+        async def started(b: Bot) -> None:
+            seen.append((w.instance_id, b.ready, b.taken_over))
+
+        return w
+
+    a, b = build(), build()
+    try:
+        async with running(a):
+            await eventually(lambda: "handed" in a.bots and a.bots["handed"].ready, what="a saw ready")
+        async with running(b):
+            await eventually(lambda: "handed" in b.bots, what="b owns it")
+    finally:
+        await bot.close()
+    assert seen == [(a.instance_id, True, False), (b.instance_id, True, True)]
+
+
+async def test_a_bot_whose_meeting_ended_before_it_was_taken_is_let_go_once(
+    gateway, worker_settings, redis_client
+):
+    """An owner died after handling a bot's session_ended and before forgetting it: the bot
+    is still in the group's registry (here: put back by hand). The next owner reads the
+    state back, sees the meeting over, lets the bot go with session_ended and forgets it:
+    taken once, not waited on for good (the old behaviour) nor taken again and again."""
+    registry_key = "meetstream:workers:test:bots"
+    a = Worker(worker_settings(), handle_signals=False)
+    bot = await SimulatedBot(ws_url(gateway), "gone").connect()
+    try:
+        async with running(a):
+            await eventually(lambda: "gone" in a.bots, what="a owns it")
+            await bot.close()
+            await eventually(lambda: not a.bots, what="a lets it go")
+    finally:
+        await bot.close()
+    await redis_client.hset(registry_key, "gone", gateway.keyspace.bot("gone").commands)
+
+    b = Worker(worker_settings(), handle_signals=False)
+    async with running(b):
+        await eventually(lambda: b.stats.bots_stopped["session_ended"] >= 1, what="b lets it go")
+        await asyncio.sleep(10 * b.settings.claim_interval_s)
+        assert b.stats.bots_started == 1 and not b.bots
+    assert not await redis_client.hexists(registry_key, "gone")

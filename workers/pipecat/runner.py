@@ -28,7 +28,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from pipecat.frames.frames import EndFrame
 from pipecat.pipeline.worker import PipelineWorker
 from pipecat.workers.runner import WorkerRunner
@@ -41,8 +40,6 @@ from workers.pipecat.transport import MeetstreamTransport, TransportStats
 log = logging.getLogger(__name__)
 
 PipelineFactory = Callable[[MeetstreamTransport], Awaitable[PipelineWorker] | PipelineWorker]
-#: Lifecycle events, newest first, that say whether a bot is ready now (docs/PROTOCOL.md).
-_READY_LOOKBACK = 200
 
 
 @dataclass
@@ -129,7 +126,6 @@ class PipecatWorker:
         self.start_timeout_s = start_timeout_s
         self.metrics = PipecatMetrics(self.worker)
         self.sessions: dict[str, _Session] = {}
-        self._redis: aioredis.Redis | aioredis.RedisCluster | None = None
         self._counted: dict[str, TransportStats] = {}
         if self.worker.settings.bot_name is None:
             log.warning(
@@ -150,10 +146,7 @@ class PipecatWorker:
 
     async def run(self) -> None:
         """Work until SIGTERM/SIGINT (the SDK's signal handling), then hand every bot back."""
-        try:
-            await self.worker.run()
-        finally:
-            await self._close()
+        await self.worker.run()
 
     async def start(self) -> None:
         await self.worker.start()
@@ -161,13 +154,6 @@ class PipecatWorker:
     async def stop(self) -> None:
         """Stop the SDK worker (which stops every pipeline through ``on_bot_stop``). Idempotent."""
         await self.worker.stop()
-        await self._close()
-
-    async def _close(self) -> None:
-        if self._redis is not None:
-            with contextlib.suppress(Exception):
-                await self._redis.aclose()
-            self._redis = None
 
     # -- the SDK's handlers ------------------------------------------------------------
 
@@ -176,8 +162,9 @@ class PipecatWorker:
         session = _Session(MeetstreamTransport(bot, params, name=f"meetstream-{bot.bot_id}"))
         self.sessions[bot.bot_id] = session
         self._counted[bot.bot_id] = TransportStats()
-        if await self._ready_now(bot):
-            # Taken over (or found) while ready: the ``ready`` was another owner's to handle.
+        if bot.ready:
+            # Taken over (or found) while ready: the ``ready`` was another owner's to handle,
+            # and the SDK read the bot's state back before this handler.
             await self._start_pipeline(bot, session)
 
     async def _ready(self, bot: Bot, event: Event) -> None:
@@ -287,53 +274,3 @@ class PipecatWorker:
         now = session.transport.stats
         self.metrics.add(before, now)
         self._counted[bot_id] = TransportStats(**{k: v for k, v in vars(now).items() if k != "speakers"})
-
-    # -- is the bot ready now? ---------------------------------------------------------------
-
-    async def _ready_now(self, bot: Bot) -> bool:
-        """Whether the bot's control channel is ready now, from its events stream.
-
-        A new owner reads on from where the group left off, so it never sees a
-        ``ready`` that an earlier owner handled. The latest control-channel
-        lifecycle event in the stream says: ``ready`` (not followed by a
-        ``disconnected`` or ``session_ended``) means the pipeline should run.
-        """
-        client = await self._client()
-        key = f"{self.worker.settings.key_prefix}:{{{bot.bot_id}}}:events"
-        try:
-            entries = await client.xrevrange(key, count=_READY_LOOKBACK)
-        except Exception as exc:
-            log.warning("could not read the bot's events", extra={"bot_id": bot.bot_id, "error": repr(exc)})
-            return False
-        for _, raw in entries:
-            kind = _s(raw.get(b"type", b""))
-            if kind == "ready":
-                return True
-            if kind == "session_ended" or (
-                kind == "disconnected" and _s(raw.get(b"channel", b"")) == "control"
-            ):
-                return False
-        return False
-
-    async def _client(self) -> aioredis.Redis | aioredis.RedisCluster:
-        if self._redis is None:
-            s = self.worker.settings
-            if s.redis_cluster == "yes":
-                self._redis = aioredis.RedisCluster.from_url(s.redis_url)
-            else:
-                plain = aioredis.Redis.from_url(s.redis_url)
-                cluster = False
-                if s.redis_cluster == "auto":
-                    with contextlib.suppress(Exception):
-                        info = await plain.info("cluster")
-                        cluster = bool(info.get("cluster_enabled"))
-                if cluster:
-                    await plain.aclose()
-                    self._redis = aioredis.RedisCluster.from_url(s.redis_url)
-                else:
-                    self._redis = plain
-        return self._redis
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
