@@ -121,8 +121,17 @@ def _paced_writer(url: str, bots: int, speakers: int, seconds: float, go: Any) -
     client.close()
 
 
+READ_INTERVAL_MS = 0  # --read-interval-ms
+
+
 def _settings(url: str, group: str) -> WorkerSettings:
-    return WorkerSettings(redis_url=url, group=group, max_bots=100_000, bootstrap_lookback_s=600)
+    return WorkerSettings(
+        redis_url=url,
+        group=group,
+        max_bots=100_000,
+        bootstrap_lookback_s=600,
+        read_interval_ms=READ_INTERVAL_MS,
+    )
 
 
 async def _run_worker(url: str, group: str, total: int, ready: Any = None) -> dict[str, float]:
@@ -203,7 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=3000, help="backlog: entries per bot's stream")
     parser.add_argument("--seconds", type=float, default=10.0, help="paced: seconds of real-time audio")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--read-interval-ms", type=int, default=0, help="WorkerSettings.read_interval_ms")
     args = parser.parse_args(argv)
+    global READ_INTERVAL_MS
+    READ_INTERVAL_MS = args.read_interval_ms
     url = os.environ.get("MEETSTREAM_REDIS_URL")
     server = None if url else RedisServer().start()
     try:

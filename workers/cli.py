@@ -26,6 +26,12 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
         type=int,
         help="serve /metrics and /healthz on this port (env MEETSTREAM_WORKER_METRICS_PORT; default off)",
     )
+    p.add_argument(
+        "--read-interval-ms",
+        type=int,
+        help="least ms between two reads of a bot that is not behind: less CPU per frame, that much "
+        "more latency (env MEETSTREAM_WORKER_READ_INTERVAL_MS; default 0)",
+    )
     p.add_argument("--log-level", default=os.environ.get("MEETSTREAM_LOG_LEVEL", "info"))
     p.add_argument(
         "--log-format", default=os.environ.get("MEETSTREAM_LOG_FORMAT", "text"), choices=("json", "text")
@@ -42,6 +48,7 @@ def settings(ns: argparse.Namespace, default_group: str) -> WorkerSettings:
         group=ns.group,
         bot_name=ns.bot_name,
         metrics_port=getattr(ns, "metrics_port", None),
+        read_interval_ms=getattr(ns, "read_interval_ms", None),
     )
     if ns.lease_ttl_s:
         overrides.update(lease_ttl_s=ns.lease_ttl_s, lease_renew_s=ns.lease_ttl_s / 5)

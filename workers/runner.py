@@ -125,6 +125,7 @@ class BotRunner:
         self._records: list[dict[str, str]] = []  # journal records to write before the XACK
         #: Handled, to be acknowledged with the next read (:meth:`_ack_and_read`).
         self._unacked: dict[str, list[str]] = {}
+        self._read_at = 0.0  # when the last paced read began (read_interval_ms)
         self._read_commands: dict[tuple[str | int | None, ...], bytes] = {}  # packed once
 
     @property
@@ -197,6 +198,8 @@ class BotRunner:
                     await self._ensure_groups(client)
                 streams = [k for k in (self.events_key, self.audio_key) if k in self._groups]
                 block = None if self._ended else s.read_block_ms
+                if s.read_interval_ms and not self.behind and not self._ended:
+                    await self._pace(s.read_interval_ms / 1000)
                 self.reading = True
                 try:
                     batches = await self._ack_and_read(conn, streams, block)
@@ -405,6 +408,15 @@ class BotRunner:
         if key == self.audio_key:
             return ms, 1, seq
         return ms, 0 if raw.get(b"type") in _START_EVENTS else 2, seq
+
+    async def _pace(self, interval_s: float) -> None:
+        """Wait out what is left of ``read_interval_ms`` since the last read began."""
+        now = time.monotonic()
+        wait_s = self._read_at + interval_s - now
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+            now = time.monotonic()
+        self._read_at = now
 
     async def _restore(self, client: Any) -> None:
         """Set the bot's state from the tail of its events stream, handlers untouched.

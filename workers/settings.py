@@ -27,6 +27,7 @@ ENV_SETTINGS = {
     "lease_ttl_s": "MEETSTREAM_LEASE_TTL_S",
     "lease_renew_s": "MEETSTREAM_LEASE_RENEW_S",
     "claim_interval_s": "MEETSTREAM_CLAIM_INTERVAL_S",
+    "read_interval_ms": "MEETSTREAM_WORKER_READ_INTERVAL_MS",
     "metrics_host": "MEETSTREAM_WORKER_METRICS_HOST",
     "metrics_port": "MEETSTREAM_WORKER_METRICS_PORT",
     "conformance": "MEETSTREAM_CONFORMANCE",
@@ -57,6 +58,12 @@ class WorkerSettings:
     max_bots: int = 1000
     read_count: int = 64
     read_block_ms: int = 1000
+    #: Least time between two reads of one bot's streams while it is not behind (0: read
+    #: again at once). A read costs about as much CPU as handling a handful of frames: a
+    #: recorder that can wait this long handles several frames per read, for a fraction of
+    #: the CPU (docs/BENCHMARKS.md, "Worker SDK per-frame cost"); a bot that is behind is
+    #: read back to back whatever this says.
+    read_interval_ms: int = 0
     handler_timeout_s: float | None = 60.0
     #: On SIGTERM: wait this long for handlers to finish (below Kubernetes' 30 s grace period).
     graceful_timeout_s: float = 20.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 from gateway.testing.bot import SimulatedBot, Speaker
 from tests.conftest import ws_url
@@ -182,3 +183,23 @@ async def test_a_renewal_that_fails_as_a_whole_lapses_only_the_bots_that_fail_al
         assert worker._runners.get(doomed) is not before[doomed]  # its lease could not be kept
         for bot in bots:
             await bot.close()
+
+
+async def test_a_read_interval_batches_frames_and_loses_none(gateway, worker_settings):
+    """read_interval_ms=200 while a bot streams 1.2 s of 20 ms frames in real time: every
+    frame is handled once, in order, and they come in a few reads of several frames each
+    (a read per frame, as without the interval, is what costs a worker its CPU)."""
+    worker = Worker(worker_settings(read_interval_ms=200), handle_signals=False)
+    handled: list[tuple[int, float]] = []
+    worker.on_audio(lambda bot, frame: handled.append((frame.seq, asyncio.get_running_loop().time())))
+    bot = await SimulatedBot(ws_url(gateway), "paced").connect()
+    try:
+        async with running(worker):
+            await eventually(lambda: "paced" in worker.bots, what="owned")
+            await bot.stream_speech([Speaker("s1", "Ada")], 1.2, frame_ms=20)
+            await eventually(lambda: len(handled) == 60, what="every frame")
+    finally:
+        await bot.close()
+    assert [seq for seq, _ in handled] == list(range(60))
+    reads = 1 + sum(1 for (_, a), (_, b) in itertools.pairwise(handled) if b - a > 0.01)
+    assert reads <= 20, f"{reads} reads for 60 frames: the interval did not hold reads back"
