@@ -364,6 +364,8 @@ class Deployment:
                 GROUP,
                 "--lease-ttl-s",
                 str(self.plan.lease_ttl_s),
+                "--read-interval-ms",
+                str(self.plan.read_interval_ms),
                 "--utterance-s",
                 str(self.plan.utterance_s),
                 "--log-format",

@@ -62,6 +62,9 @@ class DayPlan:
     #: The workers' lease TTL: short for quick takeovers at the reduced size; the SDK's
     #: default (5 s) at full size, where a loaded 2-core box delays a renewal past 2 s.
     lease_ttl_s: float = 2.0
+    #: The workers' read_interval_ms: at full size, what lets 200 bots' workers share two
+    #: cores with everything else (docs/BENCHMARKS.md); 0 (a read per frame) otherwise.
+    read_interval_ms: int = 0
     #: Bots that join all at once during the rolling restart, as a share of ``bots``.
     burst_share: float = 0.25
     #: Share of the bots whose meeting ends mid-day, replaced by a new bot soon after.
