@@ -31,6 +31,7 @@ from gateway.embedded_redis import RedisServer
 from gateway.exceptions import InternalTaskFailed
 from gateway.janitor import Janitor
 from gateway.keys import KeySpace
+from gateway.logs import error_text
 from gateway.metrics import Metrics, watch_gc
 from gateway.probes import ProbeServer
 from gateway.publisher import Publisher
@@ -158,7 +159,7 @@ class Gateway:
             exc = task.exception()
             log.critical(
                 "internal task ended, stopping the gateway",
-                extra={"task": task.get_name(), "error": repr(exc)},
+                extra={"task": task.get_name(), "error": error_text(exc)},
                 exc_info=exc,
             )
             self._crashed = task

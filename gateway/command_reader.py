@@ -39,6 +39,7 @@ import hiredis
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.keys import COMMAND_GROUP, BotKeys, KeySpace
+from gateway.logs import error_text
 from gateway.metrics import Metrics
 from gateway.redis_conn import REDIRECT_ERRORS, RawConnection, RedisBackend
 from gateway.resp import encode_commands
@@ -320,7 +321,7 @@ class CommandReader:
             # The read loop comes round within command_block_ms anyway.
             log.warning(
                 "could not wake command reader",
-                extra={"shard": group.shard, "reader": group.index, "error": type(exc).__name__},
+                extra={"shard": group.shard, "reader": group.index, "error": error_text(exc)},
             )
 
     async def _open(self, group: _Group, socket_timeout_s: float) -> RawConnection:
@@ -390,7 +391,7 @@ class CommandReader:
                         extra={
                             "shard": group.shard,
                             "reader": group.index,
-                            "error": repr(error),
+                            "error": error_text(error),
                             "backoff_s": backoff_s,
                         },
                     )
@@ -490,7 +491,7 @@ class CommandReader:
         try:
             pending = await self._claim_pending(keys)
         except RedisError as exc:
-            log.warning("reclaim failed", extra={"bot_id": bot_id, "error": repr(exc)})
+            log.warning("reclaim failed", extra={"bot_id": bot_id, "error": error_text(exc)})
             return
         if pending and bot_id in self._bots:
             log.info(

@@ -30,6 +30,7 @@ from gateway.command_reader import Ack, CommandReader, Entry
 from gateway.commands import command_label, entry_time_ms, parse_command
 from gateway.exceptions import CommandRejected
 from gateway.keys import BotKeys, KeySpace
+from gateway.logs import error_text
 from gateway.metrics import Metrics
 from gateway.outbox import Outbox
 from gateway.playback import Outgoing, PlaybackConfig
@@ -110,7 +111,7 @@ class Delivery:
             except (RedisError, OSError) as exc:
                 log.warning(
                     "command delivery setup failed",
-                    extra={"bot_id": keys.bot_id, "attempt": attempt, "error": repr(exc)},
+                    extra={"bot_id": keys.bot_id, "attempt": attempt, "error": error_text(exc)},
                 )
                 await asyncio.sleep(0.2 * attempt)
         raise DeliveryUnavailable(keys.bot_id)
@@ -143,7 +144,7 @@ class Delivery:
                 await self.reader.signal(outbound.evicted_by, keys, reclaim=keys.bot_id)
             except RedisError as exc:
                 log.warning(
-                    "could not signal the new owner", extra={"bot_id": keys.bot_id, "error": repr(exc)}
+                    "could not signal the new owner", extra={"bot_id": keys.bot_id, "error": error_text(exc)}
                 )
 
     async def stop(self) -> None:
@@ -170,7 +171,8 @@ class Delivery:
                 )
             except RedisError as exc:
                 log.warning(
-                    "could not signal the previous owner", extra={"bot_id": keys.bot_id, "error": repr(exc)}
+                    "could not signal the previous owner",
+                    extra={"bot_id": keys.bot_id, "error": error_text(exc)},
                 )
 
     # -- what the command reader hands over (gateway.command_reader.Sink) ------------
@@ -379,7 +381,9 @@ class Delivery:
                 except (OSError, RuntimeError, InvalidState) as exc:
                     # The socket failed under the write: the entry is unacked, so it is
                     # delivered again on the bot's next connection; the sender sees it close.
-                    log.info("writing a command failed", extra={"bot_id": keys.bot_id, "error": repr(exc)})
+                    log.info(
+                        "writing a command failed", extra={"bot_id": keys.bot_id, "error": error_text(exc)}
+                    )
                     return
                 self._sent(outbound, out, acks)
 

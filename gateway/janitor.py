@@ -38,6 +38,7 @@ from typing import Any
 from redis.exceptions import NoScriptError, RedisError
 
 from gateway.keys import COMMAND_GROUP, KeySpace
+from gateway.logs import error_text
 from gateway.metrics import Metrics
 from gateway.redis_conn import RedisBackend
 from gateway.settings import Settings
@@ -152,7 +153,7 @@ class Janitor:
             try:
                 await self.run_once()
             except (RedisError, OSError) as exc:
-                log.warning("housekeeping pass failed, retrying next pass", extra={"error": repr(exc)})
+                log.warning("housekeeping pass failed, retrying next pass", extra={"error": error_text(exc)})
             except Exception:
                 # A bug, but housekeeping is never worth stopping the gateway for.
                 log.exception("housekeeping pass failed, retrying next pass")

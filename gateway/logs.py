@@ -63,6 +63,18 @@ def _token(text: str) -> str:
     return _printable(json.dumps(text, ensure_ascii=False))
 
 
+def error_text(exc: BaseException | None) -> str:
+    """An exception for a log line: its class and its message.
+
+    redis-py 8's ``repr`` of its errors is only ``server:RedisError``: the text Redis
+    sent (``CLUSTERDOWN``, ``LOADING``, ``MOVED``...) is what an operator needs.
+    """
+    if exc is None:
+        return ""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return _printable(json.dumps(_fields(record), default=str, ensure_ascii=False))

@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 from gateway.command_reader import ack_args
 from gateway.keys import BotKeys, KeySpace
 from gateway.limits import StreamTrim
-from gateway.logs import RateLimiter
+from gateway.logs import RateLimiter, error_text
 from gateway.metrics import Metrics
 from gateway.protocol import BOT_SAMPLE_RATE, AudioFrame
 from gateway.redis_conn import REDIRECT_ERRORS, WRITE_SOCKET_TIMEOUT_S, RawConnection, RedisBackend
@@ -386,7 +386,7 @@ class Publisher:
                 log.log(
                     logging.WARNING if expected else logging.ERROR,
                     "redis write failed, retrying",
-                    extra={"error": repr(exc), "batch": len(retry), "backoff_s": backoff_s},
+                    extra={"error": error_text(exc), "batch": len(retry), "backoff_s": backoff_s},
                     exc_info=None if expected else exc,
                 )
                 self._requeue_for_budget(retry)
@@ -528,7 +528,7 @@ class Publisher:
         if self._log_limit.allow(f"node:{node}"):
             log.warning(
                 "redis node did not take a write, its writes wait",
-                extra={"node": f"{node[0]}:{node[1]}", "error": repr(exc), "parked": len(self._router)},
+                extra={"node": f"{node[0]}:{node[1]}", "error": error_text(exc), "parked": len(self._router)},
             )
         if self._audio_bytes + self._router.parked_bytes > self.settings.publish_buffer_bytes:
             self._shed_audio()
@@ -543,7 +543,7 @@ class Publisher:
             primaries = await self.backend.refresh_slots()
         except Exception as exc:  # the next failure asks again
             if self._log_limit.allow("slot-refresh"):
-                log.warning("could not refresh the cluster's slot map", extra={"error": repr(exc)})
+                log.warning("could not refresh the cluster's slot map", extra={"error": error_text(exc)})
             return
         if primaries is not None:
             self._router.slots_changed(primaries)

@@ -18,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.exceptions import RedisUnavailable
+from gateway.logs import error_text
 from gateway.resp import encode_commands
 from gateway.settings import Settings, redact_url
 
@@ -202,7 +203,7 @@ async def open_client(
             last = exc
             log.warning(
                 "redis not reachable, retrying",
-                extra={"redis_url": shown, "attempt": attempt, "of": attempts, "error": type(exc).__name__},
+                extra={"redis_url": shown, "attempt": attempt, "of": attempts, "error": error_text(exc)},
             )
             await asyncio.sleep(min(delay_s * attempt, 5.0))
     raise RedisUnavailable(shown, attempts) from last

@@ -20,6 +20,7 @@ from typing import Any, cast
 
 from redis.exceptions import RedisError
 
+from gateway.logs import error_text
 from workers.connections import Connections
 from workers.constants import global_events_key, registry_key
 from workers.metrics import WorkerMetrics
@@ -138,7 +139,7 @@ class Discovery:
                 except (RedisError, OSError) as exc:
                     self.stats.redis_errors += 1
                     self.metrics.redis_errors.inc()
-                    log.warning("discovery read failed, reconnecting", extra={"error": repr(exc)})
+                    log.warning("discovery read failed, reconnecting", extra={"error": error_text(exc)})
                     await asyncio.sleep(1.0)
                     # Its node may be gone (a failover: the replica serves the stream now,
                     # and the old primary answers MOVED once back): ask the cluster again

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
+from gateway.logs import error_text
 from workers import ownership
 from workers.constants import journal_key, lease_key, members_key
 from workers.discovery import Registry, text
@@ -156,7 +157,7 @@ class Leases:
             except (RedisError, OSError) as exc:
                 self.stats.redis_errors += 1
                 self.metrics.redis_errors.inc()
-                log.warning("claim round failed", extra={"error": repr(exc)})
+                log.warning("claim round failed", extra={"error": error_text(exc)})
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.claim_interval_s)
@@ -295,7 +296,7 @@ class Leases:
                 # move every bot of the instance to another one).
                 self.stats.redis_errors += 1
                 self.metrics.redis_errors.inc()
-                log.warning("lease renewal failed, renewing one by one", extra={"error": repr(exc)})
+                log.warning("lease renewal failed, renewing one by one", extra={"error": error_text(exc)})
                 each = await asyncio.gather(*(self.renew([r]) for r in runners), return_exceptions=True)
                 outcomes = [None if isinstance(o, BaseException) else o[0] for o in each]
             for r, outcome in zip(runners, outcomes, strict=True):

@@ -24,6 +24,7 @@ from typing import Any
 from redis.asyncio.connection import Connection
 from redis.exceptions import RedisError, ResponseError
 
+from gateway.logs import error_text
 from workers import commands
 from workers.audio import AudioFrame
 from workers.bot import Bot, Event
@@ -223,7 +224,7 @@ class BotRunner:
             ctx.metrics.redis_errors.inc()
             reason = "error"
             log.warning(
-                "bot stream failed; releasing it", extra={"bot_id": self.bot.bot_id, "error": repr(exc)}
+                "bot stream failed; releasing it", extra={"bot_id": self.bot.bot_id, "error": error_text(exc)}
             )
         finally:
             await asyncio.shield(self._finish(client, reason))

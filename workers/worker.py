@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
+from gateway.logs import error_text
 from gateway.probes import ProbeServer
 from workers import runner as _runner
 from workers.bot import Bot
@@ -317,7 +318,7 @@ class Worker:
                 except (RedisError, OSError) as exc:
                     self.stats.redis_errors += 1
                     self.metrics.redis_errors.inc()
-                    log.warning("lag sample failed", extra={"error": repr(exc)})
+                    log.warning("lag sample failed", extra={"error": error_text(exc)})
                     continue
             else:
                 entries, seconds = 0, {"audio": 0.0, "events": 0.0}

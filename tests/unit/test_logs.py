@@ -74,3 +74,19 @@ def test_any_text_is_one_printable_line(value, key):
     for formatter in (KeyValueFormatter(), JsonFormatter()):
         line = formatter.format(_record(value, **{f"x{key}": value}))
         _one_printable_line(line)
+
+
+def test_a_redis_error_in_a_log_line_keeps_what_redis_said():
+    """redis-py 8 shows its errors as 'server:ResponseError', without the reply: a log of
+    'redis node did not take a write' could not say whether it was CLUSTERDOWN or LOADING."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ResponseError
+
+    from gateway.logs import error_text
+
+    exc = ResponseError("CLUSTERDOWN The cluster is down")
+    assert "CLUSTERDOWN" not in repr(exc)  # why error_text exists
+    assert error_text(exc) == "ResponseError: CLUSTERDOWN The cluster is down"
+    assert error_text(RedisConnectionError()) == "ConnectionError"
+    assert error_text(None) == ""
+    assert len(error_text(ResponseError("x" * 1000))) == 300
