@@ -4,16 +4,14 @@ the journal, the member set, settings from the environment and the metrics endpo
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from collections import Counter
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.embedded_redis import free_port
 from gateway.testing.bot import SimulatedBot, Speaker
 from tests.conftest import ws_url
-from tests.workers.conftest import eventually, running
+from tests.workers.conftest import eventually, running, scrape_metrics
 from workers import AudioFrame, Bot, Event, LeaseLost, Worker, WorkerSettings
 
 
@@ -113,16 +111,6 @@ def test_settings_from_the_environment():
     assert WorkerSettings.from_env({"MEETSTREAM_CONFORMANCE": "0"}).conformance is False
 
 
-def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 async def test_metrics_are_served_and_lag_is_seen_before_it_costs_frames(gateway, worker_settings):
     """1. a worker with a metrics port and a handler slower than the audio; 2. a bot writes 200
     frames at once; 3. /metrics shows the bot owned, entries handled, handler time, and how many
@@ -145,13 +133,13 @@ async def test_metrics_are_served_and_lag_is_seen_before_it_costs_frames(gateway
         await bot.stream_speech([Speaker("s1", "Ada")], 20.0, realtime=False)  # 200 frames at once
         while len(done) < 200:
             lags.append(
-                (await asyncio.to_thread(_scrape, port)).get(
+                (await asyncio.to_thread(scrape_metrics, port)).get(
                     ("meetstream_worker_stream_lag_entries", (*g, ("stream", "audio"))), 0.0
                 )
             )
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.3)
-        m = await asyncio.to_thread(_scrape, port)
+        m = await asyncio.to_thread(scrape_metrics, port)
     assert m[("meetstream_worker_bots_owned", g)] == 1
     assert m[("meetstream_worker_bots_started_total", g)] == 1
     assert m[("meetstream_worker_entries_handled_total", (*g, ("stream", "audio")))] == 200

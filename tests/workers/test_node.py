@@ -15,7 +15,6 @@ import helm_python as helm
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio.cluster import RedisCluster
 
 from gateway.embedded_redis import free_port
@@ -24,7 +23,7 @@ from gateway.testing.cluster import RedisClusterProcesses
 from tests.conftest import running_gateway, ws_url
 from tests.deploy.conftest import ALL_ON_VALUES, CHART, NAMESPACE, RELEASE, RenderedChart
 from tests.deploy.promql import grouping_labels, metric_names, series_labels
-from tests.workers.conftest import needs_node
+from tests.workers.conftest import needs_node, scrape_metrics
 from workers.constants import STOP_REASONS
 from workers.metrics import WorkerMetrics
 
@@ -131,16 +130,6 @@ def _needed(exprs: list[str]) -> dict[str, set[str]]:
     return needed
 
 
-def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 def _status(port: int, path: str) -> int:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
@@ -233,7 +222,7 @@ async def test_node_worker_exports_the_sdk_metrics_and_they_move(gateway, redis_
     audio = (*g, ("stream", "audio"))
 
     async def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        return await asyncio.to_thread(_scrape, port)
+        return await asyncio.to_thread(scrape_metrics, port)
 
     async def until(check, what: str, timeout_s: float = 15.0):
         deadline = asyncio.get_running_loop().time() + timeout_s
@@ -310,7 +299,7 @@ async def test_node_worker_serves_probes_before_redis_and_readyz_fails_once_stop
         deadline = asyncio.get_running_loop().time() + 20
         while True:
             try:
-                m = await asyncio.to_thread(_scrape, port)
+                m = await asyncio.to_thread(scrape_metrics, port)
                 break
             except OSError:
                 assert asyncio.get_running_loop().time() < deadline, "no metrics server"
@@ -397,7 +386,7 @@ async def test_node_worker_on_a_redis_cluster(cluster, node_worker_dir):
                 ):
                     assert asyncio.get_running_loop().time() < deadline, f"{bot.bot_id}: {bot.commands()}"
                     await asyncio.sleep(0.1)
-            m = await asyncio.to_thread(_scrape, port)
+            m = await asyncio.to_thread(scrape_metrics, port)
             g = (("group", "node-cluster"),)
             assert m[("meetstream_worker_bots_owned", g)] == 6
             assert m[("meetstream_worker_entries_handled_total", (*g, ("stream", "audio")))] == 6 * 20
