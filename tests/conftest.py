@@ -15,6 +15,14 @@ from prometheus_client import CollectorRegistry
 from gateway.app import Gateway
 from gateway.embedded_redis import RedisServer, free_port
 from gateway.settings import Settings
+from gateway.testing.cluster import RedisClusterProcesses
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterProcesses]:
+    """A 3-node Redis Cluster on loopback, one per test module that asks for it."""
+    with RedisClusterProcesses(3) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

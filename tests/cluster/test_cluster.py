@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -18,12 +17,6 @@ from tests.conftest import running_gateway, ws_url
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisClusterProcesses]:
-    with RedisClusterProcesses(3) as c:
-        yield c
 
 
 async def test_bots_across_slots_audio_and_commands_without_crossslot(cluster):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -13,16 +12,9 @@ from gateway.janitor import Janitor
 from gateway.keys import COMMAND_GROUP, KeySpace
 from gateway.metrics import Metrics
 from gateway.redis_conn import connect
-from gateway.testing.cluster import RedisClusterProcesses
 from tests.conftest import gateway_settings
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisClusterProcesses]:
-    with RedisClusterProcesses(3) as c:
-        yield c
 
 
 async def test_every_primary_is_scanned_and_swept_over_several_passes(cluster):

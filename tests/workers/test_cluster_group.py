@@ -4,24 +4,16 @@ journal are one key each, leases live with their bots, and nothing crosses slots
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
 from gateway.testing.bot import SimulatedBot, Speaker
-from gateway.testing.cluster import RedisClusterProcesses
 from tests.conftest import running_gateway, ws_url
 from tests.workers.conftest import eventually, fast_settings, running
 from workers import AudioFrame, Bot, Worker
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisClusterProcesses]:
-    with RedisClusterProcesses(3) as c:
-        yield c
 
 
 async def test_a_group_shares_bots_across_slots_and_hands_them_back(cluster):

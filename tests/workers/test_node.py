@@ -9,7 +9,6 @@ import os
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 
 import helm_python as helm
 import pytest
@@ -19,7 +18,6 @@ from redis.asyncio.cluster import RedisCluster
 
 from gateway.embedded_redis import free_port
 from gateway.testing.bot import SimulatedBot, Speaker
-from gateway.testing.cluster import RedisClusterProcesses
 from tests.conftest import running_gateway, ws_url
 from tests.deploy.conftest import ALL_ON_VALUES, CHART, NAMESPACE, RELEASE, RenderedChart
 from tests.deploy.promql import grouping_labels, metric_names, series_labels
@@ -320,12 +318,6 @@ async def test_node_worker_serves_probes_before_redis_and_readyz_fails_once_stop
 
 
 # -- Redis Cluster -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisClusterProcesses]:
-    with RedisClusterProcesses(3) as c:
-        yield c
 
 
 @pytest.mark.cluster
