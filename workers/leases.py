@@ -279,11 +279,9 @@ class Leases:
         s = self.settings
         due = time.monotonic() + s.lease_renew_s
         while not until.is_set():
-            # On a fixed cadence: a round that took long (a busy loop) does not push the
-            # next one later by as much, which would eat into the lease's margin twice.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(until.wait(), max(0.0, due - time.monotonic()))
-            due = max(due + s.lease_renew_s, time.monotonic() + s.lease_renew_s / 4)
+            due = ownership.next_renewal(due, time.monotonic(), s.lease_renew_s)
             runners = list(self.owned.values())
             if not runners:
                 continue

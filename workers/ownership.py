@@ -67,6 +67,17 @@ def member_ttl_ms(lease_ttl_s: float, lease_renew_s: float) -> int:
     return max(1, int((lease_ttl_s - lease_renew_s) * 1000))
 
 
+def next_renewal(due: float, now: float, period_s: float) -> float:
+    """When the next renewal round starts, given when this one was due and the time now.
+
+    On a fixed cadence: a round that started late (a busy event loop) does not push the
+    next one later by as much, which would eat into the lease's margin twice. A loop
+    so far behind that the next due time has passed waits a quarter period, not zero,
+    so that rounds never run back to back.
+    """
+    return max(due + period_s, now + period_s / 4)
+
+
 def fair_share(bots: int, members: int) -> int:
     """Bots per instance when the group is balanced (rounded up)."""
     return math.ceil(bots / max(1, members))

@@ -115,7 +115,8 @@ def build(worker: Worker, log: DayLog, utterance_s: float) -> None:
         if not bot.is_playing:
             # Barge-in is speech over the bot's own: listen only while it speaks, from a fresh
             # detector each time (most frames are heard while it is silent: no FFT for them).
-            detectors.clear()
+            if detectors:
+                detectors.clear()
             return
         vad = detectors.setdefault(frame.speaker_id or frame.speaker_name, VoiceDetector())
         samples = np.frombuffer(frame.pcm, "<i2")

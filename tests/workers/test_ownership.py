@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from workers import ownership
-from workers.ownership import ClaimPlan, fair_share, next_batch, plan_claims, should_shed
+from workers.ownership import ClaimPlan, fair_share, next_batch, next_renewal, plan_claims, should_shed
 
 
 def test_fair_share_rounds_up_and_survives_an_empty_group():
@@ -123,3 +123,12 @@ async def test_lease_scripts_act_only_for_the_holder(redis_client):
     assert await redis_client.eval(ownership.RELEASE, 1, key, "b") == 0
     assert await redis_client.eval(ownership.RELEASE, 1, key, "a") == 1
     assert await redis_client.get(key) is None
+
+
+def test_renewals_keep_their_cadence_when_a_round_starts_late():
+    """Period 0.4 s, a round due at 10.0 s started 0.3 s late (a busy loop): the next is due
+    at 10.4 s, not 10.7 s (0.8-2.0 s between rounds were measured in a full-size day with
+    a 2 s lease, which then lapsed). Far behind, it waits a quarter period, never zero."""
+    assert next_renewal(10.0, 10.3, 0.4) == pytest.approx(10.4)
+    assert next_renewal(10.0, 10.0, 0.4) == pytest.approx(10.4)
+    assert next_renewal(10.0, 11.0, 0.4) == pytest.approx(11.1)
