@@ -153,7 +153,17 @@ async def test_a_bot_that_does_not_read_holds_its_byte_bound_and_loses_nothing(r
             for b in bots:
                 command = {"command": "sendmsg", "message": f"{n}:{text}"}
                 await redis_client.xadd(gw.keyspace.bot(b).commands, {"json": json.dumps(command)})
-        await asyncio.sleep(1.5)
+        # Until a bound stops reading (a fixed 1.5 s was too short for a loaded machine:
+        # CI once saw no bound hit yet), then a moment for any read in flight to land.
+        await eventually(
+            lambda: (
+                sample(gw, "playback_bound_hits_total", bound="command_bytes")
+                + sample(gw, "playback_bound_hits_total", bound="process_bytes")
+                >= 1
+            ),
+            30,
+        )
+        await asyncio.sleep(0.5)
         # Nothing read yet by the bots: the gateway holds what its bounds allow, no more.
         # The process's bound, and per bot at most one read (2 entries) and the entry its
         # sender holds: a bot that has sent all it held may read once more (SECURITY.md).
