@@ -94,7 +94,8 @@ class RedisServer:
         extra_args: list[str] | None = None,
         binary: str | None = None,
     ) -> None:
-        self.port = port or (free_cluster_port() if cluster else free_port())
+        self._own_port = not port  # chosen here: may be chosen again if taken meanwhile
+        self.port = port or self._pick_port(cluster)
         self.cluster = cluster
         self.extra_args = extra_args or []
         self.binary = binary or find_redis_binary()
@@ -105,7 +106,27 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @staticmethod
+    def _pick_port(cluster: bool) -> int:
+        return free_cluster_port() if cluster else free_port()
+
     def start(self, timeout_s: float = 10.0) -> RedisServer:
+        """Start and wait until it answers PING.
+
+        A port we picked was free when we picked it; an outgoing connection's ephemeral
+        port can take it before redis-server binds (seen once in CI): then pick again.
+        """
+        for attempt in range(3):
+            try:
+                return self._start_once(timeout_s)
+            except RuntimeError as exc:
+                if not self._own_port or "Address already in use" not in str(exc) or attempt == 2:
+                    raise
+                log.warning("redis-server port taken meanwhile, picking another", extra={"port": self.port})
+                self.port = self._pick_port(self.cluster)
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> RedisServer:
         args = [
             self.binary,
             "--bind",
